@@ -1,0 +1,226 @@
+"""The typed configuration: dataclasses are the schema.
+
+Resolution order: dataclass defaults, then one preset YAML file, then ``--set section.field=value``
+overrides. Unknown keys and values of the wrong type raise ``ValueError`` naming the key.
+Only the CLI sees the whole ``Config``; every other module takes its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0
+    """Size of the token vocabulary; 0 means "take it from the datastore's tokenizer"."""
+    context: int = 256
+    """Number of tokens the model attends over (its block size)."""
+    num_layers: int = 6
+    """Number of decoder blocks."""
+    num_heads: int = 6
+    """Attention heads per block; ``dim`` must be divisible by it."""
+    dim: int = 384
+    """Width of the residual stream."""
+    ffn_hidden: int = 0
+    """Hidden width of the SwiGLU feed-forward; 0 means 8/3 * dim rounded up to a multiple of 32."""
+    dropout: float = 0.0
+    """Dropout on attention outputs and the residual branches during training."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    init_std: float = 0.02
+    """Standard deviation of the weight initialisation."""
+
+    def resolved_ffn_hidden(self) -> int:
+        if self.ffn_hidden > 0:
+            return self.ffn_hidden
+        return 32 * -(-(8 * self.dim // 3) // 32)
+
+    def validate(self) -> None:
+        for name in ("context", "num_layers", "num_heads", "dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.num_heads ({self.num_heads})")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError("model.dim / model.num_heads must be even for rotary positions")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    """Number of optimizer steps."""
+    batch_size: int = 12
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to ``lr``."""
+    decay_steps: int = 0
+    """Steps of cosine decay after which the rate stays at ``min_lr``; 0 means ``steps``."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not norms)."""
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """``bfloat16`` runs forward and backward under bf16 autocast; weights and optimizer stay fp32."""
+    compile: bool = False
+    """Compile the model with ``torch.compile`` (faster steps after a one-off compile time)."""
+    seed: int = 1337
+    """Seeds the initialisation and the sampling of training windows."""
+    eval_interval: int = 250
+    """Evaluate on valid every this many steps (and at the end); 0 disables."""
+    eval_batches: int = 20
+    """Batches of random valid windows per periodic evaluation (``evaluate`` scores the whole split)."""
+    checkpoint_interval: int = 500
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep on disk."""
+    log_interval: int = 10
+    """Append a metrics line every this many steps."""
+    threads: int = 0
+    """Torch intra-op threads; 0 leaves torch's default."""
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_interval", "keep_checkpoints", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got {self.lr}, {self.min_lr})")
+        if self.warmup_steps < 0 or self.eval_interval < 0 or self.decay_steps < 0:
+            raise ValueError("train.warmup_steps, train.eval_interval and train.decay_steps must be >= 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a dataclass field's annotation, converting ints to floats where allowed."""
+    origin = typing.get_origin(annotation)
+    if isinstance(value, str) and annotation in (int, float):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            value = annotation(value)
+        except ValueError:
+            pass
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - schema error, not user error
+        raise AssertionError(f"unsupported annotation {annotation} for {key}")
+    raise ValueError(f"{key} must be of type {annotation.__name__}; got {value!r} ({type(value).__name__})")
+
+
+def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"unknown config key {dotted!r} (known: {', '.join(sorted(prefix + n for n in names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {dotted!r} is a section; give it a mapping, got {value!r}")
+            _merge(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Build a validated Config from a nested mapping (a preset or a saved ``config.json``)."""
+    config = Config()
+    _merge(config, values or {}, "")
+    config.validate()
+    return config
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset is a YAML path, or the name of a file in the package's ``configs/`` folder."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = PRESET_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if candidate.exists():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise ValueError(f"no config preset {name_or_path!r}: give a .yaml path or one of: {known}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.field=value``; the value is read as YAML (so 500, 1e-3, true and bfloat16 all work)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects section.field=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ValueError(f"--set key must be a dotted path such as train.steps, got {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(preset: str | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the preset file, then the dotted overrides; validated."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        path = resolve_preset(preset)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config preset {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config preset {path} must be a mapping of sections")
+        values = loaded
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {text!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return config_from_dict(values)

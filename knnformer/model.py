@@ -1,0 +1,172 @@
+"""The decoder: token embedding, blocks of (RMSNorm, causal self-attention with rotary positions, RMSNorm,
+SwiGLU), final RMSNorm and a head tied to the embedding.
+
+Shape legend:
+    B  batch            T  sequence length (<= context)     V  vocabulary
+    D  model width      H  attention heads                  Dh head width (D / H)
+    F  SwiGLU hidden width
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from knnformer.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, each (context, Dh)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(context, dtype=torch.float32), inv_freq)  # (context, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (context, Dh)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + Dh/2) of x (B, H, T, Dh) by the angles of its positions (T, Dh)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, one (B, H, context, Dh) pair per layer."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, device, dtype) -> "KVCache":
+        shape = (batch, config.num_heads, config.context, config.dim // config.num_heads)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)])
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + T] = k
+            cache.values[layer][:, :, start : start + T] = v
+            k, v = cache.keys[layer][:, :, : start + T], cache.values[layer][:, :, : start + T]
+            # query i (absolute position start + i) sees keys 0 .. start + i
+            mask = None
+            if T > 1:
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.resolved_ffn_hidden()
+        self.gate_up = nn.Linear(config.dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, config.dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, F) each
+        return F.dropout(self.down(F.silu(gate) * up), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = SelfAttention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn = SwiGLU(config)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (the CLI takes it from the datastore's tokenizer)")
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        cos, sin = rotary_tables(config.context, config.dim // config.num_heads, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                # residual projections scaled down by depth, as in GPT-2
+                scale = math.sqrt(2 * self.config.num_layers) if name.endswith(("proj.weight", "down.weight")) else 1
+                nn.init.normal_(p, mean=0.0, std=std / scale)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, D) of token ids (B, T)."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.context:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context {self.config.context}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x = self.embed(idx)  # (B, T, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits (B, T, V); with ``targets`` (B, T) also the mean cross-entropy in nats."""
+        h = self.hidden_states(idx, cache)
+        logits = F.linear(h, self.embed.weight)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+
+def flops_per_token(config: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls only, as in PaLM's MFU."""
+    D, L, T = config.dim, config.num_layers, config.context
+    matmul_params = L * (4 * D * D + 3 * D * config.resolved_ffn_hidden()) + config.vocab_size * D
+    attention = L * 2 * T * D  # QK^T and AV, causal half counted as full like PaLM
+    return 6 * matmul_params + 6 * attention

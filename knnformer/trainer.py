@@ -1,0 +1,216 @@
+"""The training loop: AdamW with warmup and cosine decay, gradient accumulation and clipping, optional bf16
+autocast and ``torch.compile``, periodic evaluation, atomic checkpoints, exact resume and a clean stop on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from knnformer.checkpoint import (atomic_write_text, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                  rng_state, save_checkpoint, set_rng_state)
+from knnformer.config import Config, TrainConfig
+from knnformer.datastore import Datastore
+from knnformer.model import Transformer
+
+logger = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine decay to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    decay_steps = cfg.decay_steps or cfg.steps
+    if step >= decay_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fused on devices that support it."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def sample_windows(data: np.ndarray, batch: int, context: int, generator: torch.Generator):
+    """``batch`` random windows of ``context + 1`` tokens: inputs and targets, each (B, T) int64."""
+    starts = torch.randint(len(data) - context, (batch,), generator=generator).numpy()
+    windows = torch.from_numpy(data[starts[:, None] + np.arange(context + 1)].astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
+
+
+def autocast(dtype: str, device: torch.device):
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def estimate_loss(model, data: np.ndarray, token_bytes: torch.Tensor, cfg: TrainConfig, context: int,
+                  device: torch.device) -> dict[str, float]:
+    """Mean loss and bits per byte on ``eval_batches`` random windows, the same windows every time."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 2)
+    nll, count, num_bytes = 0.0, 0, 0
+    for _ in range(cfg.eval_batches):
+        x, y = sample_windows(data, cfg.batch_size, context, generator)
+        with autocast(cfg.dtype, device):
+            _, loss = model(x.to(device), y.to(device))
+        nll += loss.item() * y.numel()
+        count += y.numel()
+        num_bytes += int(token_bytes[y].sum())
+    model.train(was_training)
+    return {"valid_loss": nll / count, "valid_bpb": nll / math.log(2) / max(1, num_bytes)}
+
+
+class StopRequested:
+    """Turns the first Ctrl-C into a flag the loop checks between steps; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: Ctrl-C is not ours to catch
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    interrupted: bool
+    last_loss: float
+    valid: dict[str, float] = field(default_factory=dict)
+
+
+def run_record(config: Config, datastore: Datastore) -> dict[str, Any]:
+    """What a run saves beside its weights: the resolved config and the datastore it was trained on."""
+    return {"config": config.to_dict(),
+            "datastore": {"path": str(Path(datastore.path).resolve()),
+                          "corpus_sha256": datastore.manifest["corpus_sha256"],
+                          "tokenizer_fingerprint": datastore.manifest["tokenizer"]["fingerprint"]}}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after ``step`` by a run that stopped without checkpointing them."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: bool = False,
+          on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu") -> TrainResult:
+    """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar."""
+    run_dir = Path(run_dir)
+    cfg, mcfg = config.train, config.model
+    device = torch.device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_data = datastore.require_split("train", mcfg.context + 2)
+    valid_data = datastore.split_tokens("valid")
+    if len(valid_data) < mcfg.context + 2 and cfg.eval_interval:
+        logger.warning("valid split has %d tokens, too few for a window of %d: periodic evaluation is off",
+                       len(valid_data), mcfg.context + 1)
+        valid_data = None
+    token_bytes = torch.from_numpy(datastore.tokenizer.token_bytes)
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    record = run_record(config, datastore)
+    start_step = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        ckpt = load_checkpoint(latest_checkpoint(run_dir), with_optimizer=True)
+        model.load_state_dict(ckpt["weights"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["state"]["step"]
+        generator.set_state(ckpt["state"]["generator"])
+        set_rng_state(ckpt["state"]["rng"])
+        _truncate_metrics(metrics_path, start_step)
+        logger.info("resumed from %s at step %d", ckpt["path"], start_step)
+    else:
+        if list_checkpoints(run_dir):
+            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or pick another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.unlink(missing_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2))
+
+    step_model = torch.compile(model) if cfg.compile else model
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.context
+
+    def checkpoint(step: int) -> None:
+        state = {"generator": generator.get_state(), "rng": rng_state()}
+        save_checkpoint(run_dir, step, model, record, optimizer, state, keep=cfg.keep_checkpoints)
+
+    step, loss_value, valid = start_step, float("nan"), {}
+    interrupted = False
+    with StopRequested() as stop, open(metrics_path, "a") as metrics:
+        t_last = time.perf_counter()
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                x, y = sample_windows(train_data, cfg.batch_size, mcfg.context, generator)
+                with autocast(cfg.dtype, device):
+                    _, loss = step_model(x.to(device), y.to(device))
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = loss_sum / cfg.grad_accum
+            now = time.perf_counter()
+            row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / (now - t_last)}
+            t_last = now
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            if valid_data is not None and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps):
+                valid = estimate_loss(model, valid_data, token_bytes, cfg, mcfg.context, device)
+                row.update(valid)
+                t_last = time.perf_counter()  # evaluation time is not training throughput
+            if step % cfg.log_interval == 0 or "valid_loss" in row or step == cfg.steps:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if on_step is not None:
+                on_step(row)
+            if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
+                checkpoint(step)
+            if stop.requested:
+                if step % cfg.checkpoint_interval and step != cfg.steps:
+                    checkpoint(step)
+                interrupted = True
+                break
+    return TrainResult(step, interrupted, loss_value, valid)
