@@ -156,6 +156,11 @@ class Datastore:
         if tokenizer.fingerprint() != manifest["tokenizer"]["fingerprint"]:
             raise ValueError(f"{path}/tokenizer.json does not match the manifest's tokenizer; "
                              "rebuild with `knnformer prepare --force`")
+        expected = manifest["num_tokens"] * np.dtype(manifest["token_dtype"]).itemsize
+        actual = (path / "tokens.bin").stat().st_size if (path / "tokens.bin").exists() else -1
+        if actual != expected:
+            raise ValueError(f"{path}/tokens.bin is truncated or missing ({actual} bytes, expected {expected}); "
+                             "rebuild with `knnformer prepare --force`")
         try:
             tokens = np.memmap(path / "tokens.bin", dtype=manifest["token_dtype"], mode="r")
             docs = np.load(path / "docs.npy")

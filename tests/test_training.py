@@ -1,0 +1,127 @@
+"""Trainer, checkpoints, resume and evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from knnformer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from knnformer.evaluate import load_run, score_tokens, window_plan
+from knnformer.trainer import lr_at, train
+
+
+def losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule(tiny_config):
+    cfg = tiny_config.train
+    cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr = 100, 10, 1.0, 0.1
+    assert lr_at(0, cfg) == pytest.approx(1 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_checkpoint_round_trip(tmp_path, byte_store, tiny_config):
+    tiny_config.train.steps = 3
+    train(tmp_path / "run", byte_store, tiny_config)
+    model, record, path = load_run(tmp_path / "run")
+    ckpt = load_checkpoint(path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["weights"][name])
+    assert record["config"]["model"]["dim"] == tiny_config.model.dim
+    x = torch.randint(0, 256, (1, 16))
+    again, _, _ = load_run(tmp_path / "run")
+    assert torch.equal(model(x)[0], again(x)[0])
+
+
+def test_resume_reproduces_losses_exactly(tmp_path, byte_store, tiny_config):
+    cfg = tiny_config.train
+    cfg.steps, cfg.checkpoint_interval, cfg.log_interval, cfg.keep_checkpoints = 12, 5, 1, 5
+    tiny_config.model.dropout = 0.1  # dropout makes the RNG state part of what resume must restore
+    train(tmp_path / "full", byte_store, tiny_config)
+    full = losses(tmp_path / "full")
+    cfg.steps = 7  # stop early: checkpoints at 5 and 7
+    train(tmp_path / "part", byte_store, tiny_config)
+    # a crash after step 7 would leave step-7 metrics; resume from step 5 must drop and redo them
+    import shutil
+
+    shutil.rmtree(latest_checkpoint(tmp_path / "part"))
+    cfg.steps = 12
+    result = train(tmp_path / "part", byte_store, tiny_config, resume=True)
+    assert result.step == 12
+    assert losses(tmp_path / "part") == full
+
+
+def test_new_run_refuses_to_overwrite(tmp_path, byte_store, tiny_config):
+    tiny_config.train.steps = 2
+    train(tmp_path / "run", byte_store, tiny_config)
+    with pytest.raises(ValueError, match="--resume"):
+        train(tmp_path / "run", byte_store, tiny_config)
+
+
+def test_checkpoints_are_pruned(tmp_path, byte_store, tiny_config):
+    cfg = tiny_config.train
+    cfg.steps, cfg.checkpoint_interval, cfg.keep_checkpoints = 6, 1, 2
+    train(tmp_path / "run", byte_store, tiny_config)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-0000005", "step-0000006"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_corrupt_checkpoint_is_refused(tmp_path, byte_store, tiny_config, damage):
+    tiny_config.train.steps = 2
+    train(tmp_path / "run", byte_store, tiny_config)
+    weights = latest_checkpoint(tmp_path / "run") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        data[-10] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    else:
+        weights.unlink()
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_run(tmp_path / "run")
+
+
+def test_window_plan_scores_every_token_once():
+    for n, context, stride in [(100, 16, 16), (100, 16, 5), (17, 16, 16), (2, 16, 4), (1000, 64, 63)]:
+        seen = np.zeros(n, dtype=int)
+        for begin, first, count in window_plan(n, context, stride):
+            assert count <= context
+            seen[begin + 1 + first : begin + 1 + count] += 1
+            if begin > 0 and count == context:  # a later window scores only its last `stride` tokens
+                assert first == context - stride
+        assert seen[0] == 0 and (seen[1:] == 1).all()
+
+
+def test_bits_per_byte_equals_hand_computation(tiny_config):
+    torch.manual_seed(0)
+    from knnformer.model import Transformer
+
+    model = Transformer(tiny_config.model).eval()
+    tokens = np.array([72, 195, 169, 108, 108, 111, 33, 10, 72, 105], dtype=np.uint16)  # "Héllo!\nHi"
+    token_bytes = np.ones(256, dtype=np.int64)
+    total = score_tokens(model, tokens, token_bytes)
+    # by hand: one window, log-softmax of every next token
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(tokens[:-1].astype(np.int64))[None])
+    logp = torch.log_softmax(logits[0].double(), -1)
+    nll = -sum(float(logp[i, tokens[i + 1]]) for i in range(len(tokens) - 1))
+    assert total["tokens"] == 9 and total["bytes"] == 9
+    assert total["nll"] == pytest.approx(nll, rel=1e-6)
+    bpb = nll / math.log(2) / 9
+    from knnformer.evaluate import summarize
+
+    assert summarize(total, "valid", 32, 32)["bits_per_byte"] == pytest.approx(bpb, rel=1e-6)
+    # a sliding window with a smaller stride scores the same tokens (here all fit in one context)
+    assert score_tokens(model, tokens, token_bytes, stride=3)["nll"] == pytest.approx(nll, rel=1e-5)
+    # BPE-style byte lengths: bytes are the UTF-8 lengths of the scored tokens, not their count
+    multi = token_bytes.copy()
+    multi[tokens[1:]] = 2
+    assert score_tokens(model, tokens, multi)["bytes"] == 18
