@@ -110,13 +110,66 @@ class TrainConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    enabled: bool = False
+    """Train and evaluate with RETRO chunked cross-attention to neighbours precomputed by ``knnformer index``."""
+    chunk_size: int = 16
+    """Tokens per chunk (C); must divide ``model.context`` and equal the chunk size the index was built with."""
+    num_neighbours: int = 2
+    """Neighbours (K) each chunk attends to in training."""
+    eval_neighbours: int = 0
+    """Neighbours each chunk attends to at evaluation; 0 means ``num_neighbours``."""
+    layers: str = "auto"
+    """Decoder layers (0-based, comma-separated) followed by chunked cross-attention; ``auto`` = every other
+    layer starting at layer 1."""
+    encoder_layers: int = 1
+    """Blocks of the bidirectional neighbour encoder."""
+    encoder_dim: int = 0
+    """Width of the neighbour encoder; 0 means half of ``model.dim``."""
+    continuation: bool = True
+    """Give each neighbour its continuation (the next chunk), as RETRO does: neighbours are 2C tokens long."""
+    condition_encoder: bool = True
+    """Let the neighbour encoder cross-attend to the decoder's states of the chunk that retrieved them (RETRO)."""
+    embedder: str = ""
+    """The embedder the datastore's neighbours must come from; empty accepts the datastore's current index."""
+
+    def resolved_layers(self, num_layers: int) -> list[int]:
+        if self.layers == "auto":
+            return list(range(1, num_layers, 2)) or [0]
+        try:
+            layers = sorted({int(x) for x in self.layers.split(",") if x.strip()})
+        except ValueError:
+            raise ValueError(f"retrieval.layers must be 'auto' or comma-separated layer numbers, got {self.layers!r}")
+        if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+            raise ValueError(f"retrieval.layers {self.layers!r} must name layers 0..{num_layers - 1}")
+        return layers
+
+    def validate(self, model: ModelConfig) -> None:
+        if not self.enabled:
+            return
+        if self.chunk_size <= 0 or model.context % self.chunk_size:
+            raise ValueError(f"retrieval.chunk_size ({self.chunk_size}) must divide model.context ({model.context})")
+        if self.num_neighbours <= 0 or self.eval_neighbours < 0:
+            raise ValueError("retrieval.num_neighbours must be positive and retrieval.eval_neighbours >= 0")
+        if self.encoder_layers <= 0:
+            raise ValueError("retrieval.encoder_layers must be positive")
+        dim = self.encoder_dim or model.dim // 2
+        if dim % model.num_heads or (dim // model.num_heads) % 2:
+            raise ValueError(f"retrieval.encoder_dim ({dim}) must be divisible by model.num_heads "
+                             f"({model.num_heads}) into even head widths")
+        self.resolved_layers(model.num_layers)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
+        self.retrieval.validate(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

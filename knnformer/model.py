@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from knnformer.config import ModelConfig
+from knnformer.config import ModelConfig, RetrievalConfig
 
 
 class RMSNorm(nn.Module):
@@ -38,10 +38,15 @@ def rotary_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tens
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + Dh/2) of x (B, H, T, Dh) by the angles of its positions (T, Dh)."""
+    """Rotate pairs (i, i + Dh/2) of x (B, H, T, Dh) by the angles of its positions (T, Dh).
+
+    Any layout works whose last dimension is Dh and that ``cos`` and ``sin`` broadcast against, such as
+    (B, T, 2, H, Dh) with tables viewed as (T, 1, 1, Dh): queries and keys are then rotated in one pass.
+    """
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    # x * cos + [-x2, x1] * sin, with [-x2, x1] as a roll of x by half times a sign: 4 kernels on x, not 6
+    sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # on the small table, not on x
+    return x * cos + torch.roll(x, half, dims=-1) * sin_signed
 
 
 @dataclass
@@ -69,8 +74,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, Dh)
+        qk = apply_rotary(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])  # (B, T, 2, H, Dh)
+        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -115,7 +121,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, retrieval: RetrievalConfig | None = None):
         super().__init__()
         if config.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (the CLI takes it from the datastore's tokenizer)")
@@ -127,6 +133,11 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(config.context, config.dim // config.num_heads, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.retrieval = None
+        if retrieval is not None and retrieval.enabled:
+            from knnformer.retro import Retrieval
+
+            self.retrieval = Retrieval(config, retrieval)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -140,23 +151,35 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final normed hidden states (B, T, D) of token ids (B, T)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, neighbours: torch.Tensor | None = None,
+                      neighbour_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, D) of token ids (B, T). With ``neighbours`` (B, S, K, R) token ids
+        and their ``neighbour_mask`` (B, S, K, R), the retrieval layers read them (see retro.py); without, the
+        model is exactly the plain decoder."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.context:
             raise ValueError(f"sequence of {start + T} tokens is longer than the model's context {self.config.context}")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(idx)  # (B, T, D)
+        retrieve = neighbours is not None and self.retrieval is not None
+        if retrieve and cache is not None:
+            raise ValueError("retrieval runs without a KV cache")
+        encoded = None
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
+            if retrieve and i in self.retrieval.layers:
+                if encoded is None:
+                    encoded = self.retrieval.encode(self.embed(neighbours), neighbour_mask, x)
+                x = self.retrieval.cross_attend(i, x, encoded, neighbour_mask)
         if cache is not None:
             cache.length += T
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                neighbours: torch.Tensor | None = None, neighbour_mask: torch.Tensor | None = None):
         """Logits (B, T, V); with ``targets`` (B, T) also the mean cross-entropy in nats."""
-        h = self.hidden_states(idx, cache)
+        h = self.hidden_states(idx, cache, neighbours, neighbour_mask)
         logits = F.linear(h, self.embed.weight)  # (B, T, V)
         if targets is None:
             return logits, None
