@@ -42,7 +42,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+    # the fused kernel updates each tensor in one pass (CPU and CUDA); elsewhere the foreach path
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             **({"fused": True} if fused else {"foreach": True}))
 
 
 def sample_windows(data: np.ndarray, batch: int, context: int, generator: torch.Generator):
