@@ -159,13 +159,14 @@ def cmd_evaluate(args) -> int:
 
     bars = []
 
-    def factory(total):
-        bars.append(tqdm(total=total, unit="tok", unit_scale=True, desc=f"scoring {args.split}",
+    def factory(total, what=""):
+        bars.append(tqdm(total=total, unit="tok", unit_scale=True, desc=f"scoring {args.split} {what}".strip(),
                          disable=args.json or args.quiet))
         return bars[-1].update
 
     try:
-        result = evaluate_run(args.run, args.split, args.stride, args.datastore, args.batch_size, factory)
+        result = evaluate_run(args.run, args.split, args.stride, args.datastore, args.batch_size, factory,
+                              args.retrieval)
     finally:
         for bar in bars:
             bar.close()
@@ -234,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing datastore")
     s.set_defaults(func=cmd_prepare)
 
+    from knnformer.cli_index import add_index_parser
+
+    add_index_parser(sub)
+
     s = sub.add_parser("train", help="train a model on a datastore")
     s.add_argument("datastore")
     s.add_argument("--out", required=True, help="run folder")
@@ -248,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: the context)")
     s.add_argument("--datastore", default=None, help="datastore to score (default: the run's own)")
     s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--retrieval", choices=["auto", "on", "off"], default="auto",
+                   help="score with the run's retrieval on (also reports off) or as a plain LM (default: on for "
+                        "a retrieval run)")
     s.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     s.set_defaults(func=cmd_evaluate)
 

@@ -113,8 +113,8 @@ class TrainConfig:
 class RetrievalConfig:
     enabled: bool = False
     """Train and evaluate with RETRO chunked cross-attention to neighbours precomputed by ``knnformer index``."""
-    chunk_size: int = 16
-    """Tokens per chunk (C); must divide ``model.context`` and equal the chunk size the index was built with."""
+    chunk_size: int = 0
+    """Tokens per chunk (C); must divide ``model.context``; 0 takes the chunk size the index was built with."""
     num_neighbours: int = 2
     """Neighbours (K) each chunk attends to in training."""
     eval_neighbours: int = 0
@@ -147,7 +147,7 @@ class RetrievalConfig:
     def validate(self, model: ModelConfig) -> None:
         if not self.enabled:
             return
-        if self.chunk_size <= 0 or model.context % self.chunk_size:
+        if self.chunk_size < 0 or (self.chunk_size and model.context % self.chunk_size):
             raise ValueError(f"retrieval.chunk_size ({self.chunk_size}) must divide model.context ({model.context})")
         if self.num_neighbours <= 0 or self.eval_neighbours < 0:
             raise ValueError("retrieval.num_neighbours must be positive and retrieval.eval_neighbours >= 0")

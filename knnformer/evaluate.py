@@ -38,17 +38,25 @@ def window_plan(num_tokens: int, context: int, stride: int) -> list[tuple[int, i
     return plan
 
 
+NeighbourFn = Callable[[np.ndarray, int], tuple[torch.Tensor, torch.Tensor]]
+"""``neighbours(begins, length)``: neighbour tokens and mask (B, S, K, R) for windows of ``length`` tokens
+starting at split-relative ``begins``."""
+
+
 @torch.no_grad()
 def score_tokens(model: Transformer, tokens: np.ndarray, token_bytes: np.ndarray, stride: int | None = None,
-                 batch_size: int = 32, dtype: str = "float32", progress: Callable[[int], None] | None = None
-                 ) -> dict[str, Any]:
-    """Total negative log-likelihood of ``tokens[1:]`` given what precedes each, in windows of the context."""
+                 batch_size: int = 32, dtype: str = "float32", progress: Callable[[int], None] | None = None,
+                 neighbours: NeighbourFn | None = None, per_token: bool = False) -> dict[str, Any]:
+    """Total negative log-likelihood of ``tokens[1:]`` given what precedes each, in windows of the context.
+    With ``neighbours`` the model retrieves; with ``per_token`` the result also holds ``losses``, the NLL of
+    every target position (index p - 1 for token p)."""
     context = model.config.context
     stride = stride or context
     model.eval()
     device = next(model.parameters()).device
     plan = window_plan(len(tokens), context, stride)
     nll, num_tokens, num_bytes = 0.0, 0, 0
+    losses_out = np.zeros(max(0, len(tokens) - 1), dtype=np.float32) if per_token else None
     token_bytes = torch.from_numpy(np.asarray(token_bytes))
     # windows of equal length are batched together; only the last one or few are shorter
     i = 0
@@ -59,18 +67,86 @@ def score_tokens(model: Transformer, tokens: np.ndarray, token_bytes: np.ndarray
             group.append(plan[i + len(group)])
         rows = np.stack([tokens[b : b + n + 1] for b, _, _ in group]).astype(np.int64)
         x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:])
+        inputs = {}
+        if neighbours is not None:
+            nb, mask = neighbours(np.array([g[0] for g in group]), n)
+            inputs = {"neighbours": nb.to(device), "neighbour_mask": mask.to(device)}
         with autocast(dtype, device):
-            logits, _ = model(x)
+            logits, _ = model(x, **inputs)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
         losses = losses.view(len(group), n).cpu().double()
-        for row, (_, first, _) in enumerate(group):
+        for row, (begin, first, _) in enumerate(group):
             nll += float(losses[row, first:].sum())
+            if losses_out is not None:
+                losses_out[begin + first : begin + n] = losses[row, first:].numpy()
             num_tokens += n - first
             num_bytes += int(token_bytes[y[row, first:]].sum())
         if progress is not None:
             progress(sum(g[2] - g[1] for g in group))
         i += len(group)
-    return {"nll": nll, "tokens": num_tokens, "bytes": num_bytes}
+    out = {"nll": nll, "tokens": num_tokens, "bytes": num_bytes}
+    if losses_out is not None:
+        out["losses"] = losses_out
+    return out
+
+
+ALPHAS = (0.125, 0.25, 0.5, 1.0)
+
+
+def longest_shared_run(chunks: np.ndarray, neighbours: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """For each row, the longest run of consecutive tokens of ``chunks`` (N, C) that also occurs, in order, in
+    one of its neighbours (N, K, R) (positions where ``mask`` is False never match). Returns (N,) ints."""
+    N, C = chunks.shape
+    run = np.zeros(neighbours.shape, dtype=np.int32)
+    best = np.zeros(N, dtype=np.int32)
+    for i in range(C):
+        match = (neighbours == chunks[:, i, None, None]) & mask
+        shifted = np.zeros_like(run)
+        shifted[..., 1:] = run[..., :-1]
+        run = np.where(match, shifted + 1, 0)
+        best = np.maximum(best, run.max(axis=(1, 2)) if run.size else 0)
+    return best
+
+
+def chunk_overlaps(tokens: np.ndarray, chunk_size: int, neighbour_fn) -> np.ndarray:
+    """RETRO's overlap ratio r of every chunk of a split: the longest run it shares with the neighbours that
+    serve its tokens (those retrieved by the chunk before it), over C. ``neighbour_fn(prev_chunk_index)``
+    returns neighbour tokens and mask (N, K, R) for split-relative chunk indices (-1 = none)."""
+    C = chunk_size
+    num_chunks = -(-len(tokens) // C)
+    r = np.zeros(num_chunks, dtype=np.float32)
+    for lo in range(0, num_chunks, 4096):
+        idx = np.arange(lo, min(num_chunks, lo + 4096))
+        chunk = np.zeros((len(idx), C), dtype=np.int64)
+        valid = np.zeros((len(idx), C), dtype=bool)
+        for j in range(C):
+            pos = idx * C + j
+            ok = pos < len(tokens)
+            chunk[ok, j] = tokens[pos[ok]]
+            valid[:, j] = ok
+        nb, mask = neighbour_fn(idx - 1)
+        chunk = np.where(valid, chunk, -1)  # padding never matches
+        r[idx] = longest_shared_run(chunk, nb, mask) / C
+    return r
+
+
+def filtered_figures(losses: np.ndarray, targets: np.ndarray, token_bytes: np.ndarray, overlaps: np.ndarray,
+                     chunk_size: int) -> dict[str, dict[str, float]]:
+    """Bits per byte over the chunks whose overlap ratio is at most alpha, and the share of chunks kept.
+    ``losses[p - 1]`` and ``targets[p - 1]`` belong to token p of the split, which lies in chunk p // C."""
+    chunk_of_target = (np.arange(len(losses)) + 1) // chunk_size
+    r = overlaps[chunk_of_target]
+    nbytes = np.asarray(token_bytes)[targets]
+    scored_chunks = np.unique(chunk_of_target)
+    out = {}
+    for alpha in ALPHAS:
+        keep = r <= alpha + 1e-9
+        b = int(nbytes[keep].sum())
+        out[str(alpha)] = {
+            "bits_per_byte": float(losses[keep].astype(np.float64).sum() / math.log(2) / b) if b else float("nan"),
+            "fraction": float((overlaps[scored_chunks] <= alpha + 1e-9).mean()) if len(scored_chunks) else 0.0,
+        }
+    return out
 
 
 def summarize(total: dict[str, Any], split: str, stride: int, context: int) -> dict[str, Any]:
@@ -96,7 +172,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Transformer, dic
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     record = ckpt["config"]
     config = config_from_dict(record["config"])
-    model = Transformer(config.model)
+    model = Transformer(config.model, config.retrieval)
     try:
         model.load_state_dict(ckpt["weights"])
     except RuntimeError as e:
@@ -115,19 +191,87 @@ def open_run_datastore(record: dict[str, Any], override: str | None = None) -> D
     return datastore
 
 
+def run_neighbours(record: dict[str, Any], store: Datastore, required: bool):
+    """The datastore's neighbours as the run was trained with them; for a plain LM, whatever neighbours the
+    datastore has (for the overlap-filtered figures), or None."""
+    from knnformer.neighbours import load_neighbours
+
+    rcfg = record["config"]["retrieval"]
+    if rcfg["enabled"]:
+        try:
+            return load_neighbours(store, rcfg["embedder"] or None, rcfg["chunk_size"])
+        except ValueError as e:
+            if required:
+                raise ValueError(f"this run was trained with retrieval and needs its datastore's neighbours: {e}; "
+                                 f"or evaluate it as a plain LM with --retrieval off") from None
+            return None
+    try:
+        return load_neighbours(store)
+    except ValueError:
+        return None
+
+
 def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None = None, datastore: str | None = None,
-                 batch_size: int = 32, progress_factory=None) -> dict[str, Any]:
+                 batch_size: int = 32, progress_factory=None, retrieval: str = "auto") -> dict[str, Any]:
+    """Score a split. ``retrieval``: ``on`` (the run must be a retrieval model), ``off`` (run as a plain LM) or
+    ``auto`` (on for a retrieval run). With retrieval on, the figures with retrieval off come along, and with
+    any neighbours in the datastore, RETRO's overlap-filtered bits per byte."""
+    from knnformer.batches import neighbour_inputs
+
     model, record, ckpt_path = load_run(run_dir)
     store = open_run_datastore(record, datastore)
+    rcfg = record["config"]["retrieval"]
+    if retrieval not in ("auto", "on", "off"):
+        raise ValueError(f"--retrieval must be on or off, got {retrieval!r}")
+    if retrieval == "on" and not rcfg["enabled"]:
+        raise ValueError(f"{run_dir} was trained without retrieval; train with --set retrieval.enabled=true, or "
+                         f"evaluate with --retrieval off")
+    use_retrieval = rcfg["enabled"] and retrieval != "off"
     context = model.config.context
     tokens = store.require_split(split, 2)
     stride = stride or context
-    progress = progress_factory(len(tokens) - 1) if progress_factory else None
+    neighbours = run_neighbours(record, store, required=use_retrieval)
+    k = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else min(2, neighbours.k if neighbours else 2)
+    continuation = rcfg["continuation"]
+    if use_retrieval and stride % neighbours.chunk_size:
+        raise ValueError(f"--stride must be a multiple of the chunk size {neighbours.chunk_size} with retrieval on")
     dtype = record["config"]["train"]["dtype"]
-    total = score_tokens(model, tokens, store.tokenizer.token_bytes, stride, batch_size, dtype, progress)
-    result = summarize(total, split, stride, context)
+    token_bytes = store.tokenizer.token_bytes
+
+    def nb_fn(begins, length):
+        nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation)
+        return nb, mask
+
+    passes = [("on", nb_fn), ("off", None)] if use_retrieval else [("off", None)]
+    overlaps = None
+    if neighbours is not None:
+        lo_chunk = neighbours.layout.split_chunks[split][0]
+
+        def prev_fn(prev):
+            nb = neighbours.for_chunks(np.where(prev >= 0, lo_chunk + prev, -1), k)
+            C = neighbours.chunk_size
+            return nb.tokens[..., : 2 * C if continuation else C], nb.mask[..., : 2 * C if continuation else C]
+
+        overlaps = chunk_overlaps(np.asarray(tokens), neighbours.chunk_size, prev_fn)
+    result: dict[str, Any] = {}
+    for name, fn in passes:
+        progress = progress_factory(len(tokens) - 1, f"retrieval {name}") if progress_factory else None
+        total = score_tokens(model, tokens, token_bytes, stride, batch_size, dtype, progress, fn,
+                             per_token=overlaps is not None)
+        figures = summarize(total, split, stride, context)
+        if overlaps is not None:
+            figures["filtered"] = filtered_figures(total["losses"], np.asarray(tokens[1:], dtype=np.int64),
+                                                   token_bytes, overlaps, neighbours.chunk_size)
+        figures["retrieval"] = name
+        if not result:
+            result = figures
+        else:
+            result["retrieval_off"] = {key: figures[key] for key in ("loss", "bits_per_byte", "filtered")
+                                       if key in figures}
     result["checkpoint"] = str(ckpt_path)
     result["step"] = int(Path(ckpt_path).name.split("-")[1])
+    if neighbours is not None:
+        result["neighbours"] = {"embedder": neighbours.info["embedder"], "k": k, "chunk_size": neighbours.chunk_size}
     return result
 
 
@@ -137,6 +281,14 @@ def format_table(result: dict[str, Any]) -> str:
             ("tokens scored", f"{result['tokens']:,}"), ("bytes", f"{result['bytes']:,}"),
             ("loss (nats/token)", f"{result['loss']:.4f}"), ("perplexity", f"{result['perplexity']:.3f}"),
             ("bits per byte", f"{result['bits_per_byte']:.4f}")]
+    rows.append(("retrieval", result.get("retrieval", "off")))
+    if "retrieval_off" in result:
+        rows.append(("bits per byte, retrieval off", f"{result['retrieval_off']['bits_per_byte']:.4f}"))
+    for alpha, fig in result.get("filtered", {}).items():
+        off = result.get("retrieval_off", {}).get("filtered", {}).get(alpha)
+        rows.append((f"bits per byte, overlap <= {alpha}",
+                     f"{fig['bits_per_byte']:.4f} ({fig['fraction']:.1%} of chunks)"
+                     + (f"; retrieval off {off['bits_per_byte']:.4f}" if off else "")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

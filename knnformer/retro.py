@@ -28,15 +28,20 @@ from knnformer.config import ModelConfig, RetrievalConfig
 from knnformer.model import RMSNorm, SwiGLU, apply_rotary, rotary_tables
 
 
-def attend_with_null(q, k, v, mask=None):
+def attend_with_null(q, k, v, mask=None, bias=None):
     """SDPA with one extra all-zero key and value that is always visible: a query whose real keys are all masked
     (a slot without neighbours) gets a zero output instead of NaN. q (N, H, Lq, Dh), k/v (N, H, Lk, Dh),
-    mask (N, Lk) bool, True = visible."""
-    N, H, _, Dh = k.shape
+    mask (N, Lk) bool, True = visible; bias (H, Lq, Lk) added to the logits."""
+    N, H, Lq, Dh = q.shape
     zeros = k.new_zeros(N, H, 1, Dh)
     k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
     if mask is not None:
         mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)[:, None, None, :]  # (N, 1, 1, Lk + 1)
+    if bias is not None:
+        bias = F.pad(bias, (0, 1)).to(q.dtype)[None]  # (1, H, Lq, Lk + 1)
+        if mask is not None:
+            bias = bias.masked_fill(~mask, float("-inf"))
+        mask = bias
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -50,13 +55,17 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(kv_dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x, memory, mask=None):
-        """x (N, Lq, dim), memory (N, Lk, kv_dim), mask (N, Lk) -> (N, Lq, dim)."""
+    def forward(self, x, memory, mask=None, rotary_q=None, rotary_k=None, bias=None):
+        """x (N, Lq, dim), memory (N, Lk, kv_dim), mask (N, Lk) -> (N, Lq, dim). ``rotary_q`` and ``rotary_k``
+        are (cos, sin) tables (Lq, Dh) and (Lk, Dh) giving queries and keys relative positions; ``bias``
+        (H, Lq, Lk) is added to the attention logits."""
         N, Lq, D = x.shape
         H = self.num_heads
         q = self.q(x).view(N, Lq, H, D // H).transpose(1, 2)
         k, v = self.kv(memory).view(N, memory.shape[1], 2, H, D // H).permute(2, 0, 3, 1, 4)
-        y = attend_with_null(q, k, v, mask)
+        if rotary_q is not None:
+            q, k = apply_rotary(q, *rotary_q), apply_rotary(k, *rotary_k)
+        y = attend_with_null(q, k, v, mask, bias)
         return self.proj(y.transpose(1, 2).reshape(N, Lq, D))
 
 
@@ -102,10 +111,18 @@ class Retrieval(nn.Module):
         self.encoder_norm = RMSNorm(enc_dim, model.norm_eps)
         self.cca_norms = nn.ModuleDict({str(i): RMSNorm(model.dim, model.norm_eps) for i in self.layers})
         self.cca = nn.ModuleDict({str(i): CrossAttention(model.dim, enc_dim, model.num_heads) for i in self.layers})
-        neighbour_len = config.chunk_size * (2 if config.continuation else 1)
-        cos, sin = rotary_tables(neighbour_len, enc_dim // model.num_heads, model.rope_theta)
+        # a learned bias per head between slot position i and neighbour position j (RETRO's CCA is relative-
+        # position aware): it lets a layer learn to read the continuation token aligned with i from the start
+        self.cca_bias = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(model.num_heads, config.chunk_size,
+                                                                           2 * config.chunk_size))
+                                          for i in self.layers})
+        # positions 0 .. 2C - 1 inside a neighbour (with its continuation), for the encoder and for CCA's keys
+        cos, sin = rotary_tables(2 * config.chunk_size, enc_dim // model.num_heads, model.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        cos, sin = rotary_tables(2 * config.chunk_size, model.dim // model.num_heads, model.rope_theta)
+        self.register_buffer("cca_cos", cos, persistent=False)
+        self.register_buffer("cca_sin", sin, persistent=False)
 
     def encode(self, neighbour_embeddings: torch.Tensor, mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """neighbour_embeddings (B, S, K, R, D), mask (B, S, K, R), decoder states h (B, T, D)
@@ -131,6 +148,12 @@ class Retrieval(nn.Module):
         C = self.chunk_size
         S = T // C + 1
         x = F.pad(self.cca_norms[str(layer)](h), (0, 0, 1, S * C - T - 1))  # (B, S*C, D): position p at p + 1
-        memory = encoded.reshape(B * S, -1, encoded.shape[-1])  # (B*S, K*R, De)
-        y = self.cca[str(layer)](x.view(B * S, C, D), memory, mask.reshape(B * S, -1))  # (B*S, C, D)
+        K, R = encoded.shape[2], encoded.shape[3]
+        memory = encoded.reshape(B * S, K * R, encoded.shape[-1])  # (B*S, K*R, De)
+        # relative positions: slot position i predicts the token that sits at position C + i of a neighbour
+        # (i of its continuation) when the neighbour matches the retrieving chunk, so queries sit at C + i
+        rotary_q = (self.cca_cos[C : 2 * C], self.cca_sin[C : 2 * C])
+        rotary_k = (self.cca_cos[:R].repeat(K, 1), self.cca_sin[:R].repeat(K, 1))
+        bias = self.cca_bias[str(layer)][:, :, :R].repeat(1, 1, K)  # (H, C, K*R)
+        y = self.cca[str(layer)](x.view(B * S, C, D), memory, mask.reshape(B * S, -1), rotary_q, rotary_k, bias)
         return h + y.view(B, S * C, D)[:, 1 : T + 1]

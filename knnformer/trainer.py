@@ -21,6 +21,7 @@ from knnformer.checkpoint import (atomic_write_text, latest_checkpoint, list_che
                                   rng_state, save_checkpoint, set_rng_state)
 from knnformer.config import Config, TrainConfig
 from knnformer.datastore import Datastore
+from knnformer.batches import WindowSampler
 from knnformer.model import Transformer
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def autocast(dtype: str, device: torch.device):
 
 
 @torch.no_grad()
-def estimate_loss(model, data: np.ndarray, token_bytes: torch.Tensor, cfg: TrainConfig, context: int,
+def estimate_loss(model, sampler: WindowSampler, token_bytes: torch.Tensor, cfg: TrainConfig,
                   device: torch.device) -> dict[str, float]:
     """Mean loss and bits per byte on ``eval_batches`` random windows, the same windows every time."""
     was_training = model.training
@@ -70,12 +71,12 @@ def estimate_loss(model, data: np.ndarray, token_bytes: torch.Tensor, cfg: Train
     generator = torch.Generator().manual_seed(cfg.seed + 2)
     nll, count, num_bytes = 0.0, 0, 0
     for _ in range(cfg.eval_batches):
-        x, y = sample_windows(data, cfg.batch_size, context, generator)
+        batch = sampler.sample(cfg.batch_size, generator).to(device)
         with autocast(cfg.dtype, device):
-            _, loss = model(x.to(device), y.to(device))
-        nll += loss.item() * y.numel()
-        count += y.numel()
-        num_bytes += int(token_bytes[y].sum())
+            _, loss = model(batch.x, batch.y, **batch.model_inputs())
+        nll += loss.item() * batch.y.numel()
+        count += batch.y.numel()
+        num_bytes += int(token_bytes[batch.y.cpu()].sum())
     model.train(was_training)
     return {"valid_loss": nll / count, "valid_bpb": nll / math.log(2) / max(1, num_bytes)}
 
@@ -128,6 +129,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def resolve_retrieval(config: Config, datastore: Datastore):
+    """The datastore's precomputed neighbours for a retrieval run (None for a plain LM). Fills in the chunk size
+    and embedder the run then records, so evaluation can refuse neighbours built otherwise."""
+    rcfg = config.retrieval
+    if not rcfg.enabled:
+        return None
+    from knnformer.neighbours import load_neighbours
+
+    neighbours = load_neighbours(datastore, rcfg.embedder or None, rcfg.chunk_size or None, config.model.context)
+    rcfg.chunk_size = neighbours.chunk_size
+    rcfg.embedder = rcfg.embedder or neighbours.info["embedder"]
+    k = max(rcfg.num_neighbours, rcfg.eval_neighbours)
+    if k > neighbours.k:
+        raise ValueError(f"retrieval wants {k} neighbours per chunk but {datastore.path} holds {neighbours.k}; "
+                         f"rebuild with `knnformer index {datastore.path} --k {k} --force`")
+    config.validate()
+    return neighbours
+
+
 def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu") -> TrainResult:
     """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar."""
@@ -137,15 +157,22 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_data = datastore.require_split("train", mcfg.context + 2)
+    neighbours = resolve_retrieval(config, datastore)
+    rcfg = config.retrieval
+    train_sampler = WindowSampler(train_data, mcfg.context, neighbours, "train", rcfg.num_neighbours,
+                                  rcfg.continuation)
     valid_data = datastore.split_tokens("valid")
-    if len(valid_data) < mcfg.context + 2 and cfg.eval_interval:
+    valid_sampler = None
+    if len(valid_data) >= mcfg.context + 2:
+        valid_sampler = WindowSampler(valid_data, mcfg.context, neighbours, "valid",
+                                      rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation)
+    elif cfg.eval_interval:
         logger.warning("valid split has %d tokens, too few for a window of %d: periodic evaluation is off",
                        len(valid_data), mcfg.context + 1)
-        valid_data = None
     token_bytes = torch.from_numpy(datastore.tokenizer.token_bytes)
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg).to(device)
+    model = Transformer(mcfg, rcfg).to(device)
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     record = run_record(config, datastore)
@@ -185,9 +212,9 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
                 group["lr"] = lr
             loss_sum = 0.0
             for _ in range(cfg.grad_accum):
-                x, y = sample_windows(train_data, cfg.batch_size, mcfg.context, generator)
+                batch = train_sampler.sample(cfg.batch_size, generator).to(device)
                 with autocast(cfg.dtype, device):
-                    _, loss = step_model(x.to(device), y.to(device))
+                    _, loss = step_model(batch.x, batch.y, **batch.model_inputs())
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
@@ -200,8 +227,8 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
             t_last = now
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
-            if valid_data is not None and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps):
-                valid = estimate_loss(model, valid_data, token_bytes, cfg, mcfg.context, device)
+            if valid_sampler is not None and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps):
+                valid = estimate_loss(model, valid_sampler, token_bytes, cfg, device)
                 row.update(valid)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if step % cfg.log_interval == 0 or "valid_loss" in row or step == cfg.steps:
