@@ -176,7 +176,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_generate(args) -> int:
     from knnformer.evaluate import load_run, open_run_datastore
-    from knnformer.generate import sample_ids, stream_text
+    from knnformer.generate import RetrievingGenerator, sample_ids, stream_text
 
     model, record, _ = load_run(args.run)
     store = open_run_datastore(record, args.datastore)
@@ -188,13 +188,64 @@ def cmd_generate(args) -> int:
     if len(ids) > model.config.context:
         raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of "
                          f"{model.config.context}; shorten it")
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    for piece in stream_text(tokenizer, sample_ids(model, ids, args.max_new_tokens, args.temperature, args.top_k,
-                                                   args.top_p, args.seed, tokenizer.eot_id)):
-        sys.stdout.write(piece)
+    rcfg = record["config"]["retrieval"]
+    retrieving = None
+    if rcfg["enabled"] and args.retrieval != "off" or args.show_neighbours or args.json:
+        from knnformer.neighbours import open_retriever
+
+        try:
+            retriever = open_retriever(store)
+        except ValueError as e:
+            if rcfg["enabled"] and args.retrieval != "off":
+                raise ValueError(f"this run retrieves while it generates: {e}; or pass --retrieval off") from None
+            raise
+        if rcfg["enabled"] and retriever.layout.chunk_size != rcfg["chunk_size"]:
+            raise ValueError(f"the index of {store.path} has chunk size {retriever.layout.chunk_size}, the run "
+                             f"{rcfg['chunk_size']}; rebuild with `knnformer index {store.path} --chunk-size "
+                             f"{rcfg['chunk_size']} --force`")
+        k = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else args.k
+        retrieving = RetrievingGenerator(model, retriever, k, rcfg["continuation"],
+                                         feed_model=rcfg["enabled"] and args.retrieval != "off")
+        new_ids = retrieving.sample(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                                    tokenizer.eot_id)
+    else:
+        new_ids = sample_ids(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                             tokenizer.eot_id)
+    generated: list[int] = []
+
+    def tee(source):
+        for i in source:
+            generated.append(i)
+            yield i
+
+    if args.json:
+        text = "".join(stream_text(tokenizer, tee(new_ids)))
+    else:
+        sys.stdout.write(prompt)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+        for piece in stream_text(tokenizer, tee(new_ids)):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    if retrieving is not None and (args.show_neighbours or args.json):
+        chunks = retrieving.provenance(ids + generated, len(ids))
+        latency = sorted(retrieving.latencies_ms)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": text, "retrieval": retrieving.feed_model,
+                              "chunks": chunks, "retrievals": len(latency),
+                              "retrieval_ms_median": latency[len(latency) // 2] if latency else None}, indent=2))
+        else:
+            print(f"\n-- neighbours that served each generated chunk ({len(latency)} retrievals, median "
+                  f"{latency[len(latency) // 2] if latency else 0:.1f} ms each):")
+            for c in chunks:
+                print(f"chunk {c['chunk']}: {c['text']!r}")
+                for j, n in enumerate(c["neighbours"], 1):
+                    snippet = n["text"].replace("\n", "\\n")[:60]
+                    print(f"   [{j}] {n['doc_id']} @ byte {n['byte_offset']:,} (score {n['score']:.3f}): {snippet}")
+                if not c["neighbours"]:
+                    print("   (none: the first chunk of the text has nothing before it)")
+    elif args.json:
+        print(json.dumps({"prompt": prompt, "text": text, "retrieval": False}, indent=2))
     return 0
 
 
@@ -268,6 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--datastore", default=None, help="datastore holding the tokenizer (default: the run's own)")
+    s.add_argument("--retrieval", choices=["auto", "off"], default="auto",
+                   help="a retrieval run retrieves at every chunk boundary unless this is off")
+    s.add_argument("--show-neighbours", action="store_true",
+                   help="after the text, list the neighbours (document, offset, score, snippet) of every chunk")
+    s.add_argument("--k", type=int, default=2, help="neighbours to show for a plain LM (default 2)")
+    s.add_argument("--json", action="store_true", help="print the text and its neighbours as one JSON object")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("demo", help="prepare, train, evaluate and sample on Python's own standard library")

@@ -79,3 +79,112 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
     tail = decoder.decode(b"", final=True)
     if tail:
         yield tail
+
+
+class RetrievingGenerator:
+    """Sampling from a retrieval model: at each chunk boundary of the text (prompt included) the completed chunk
+    is embedded and searched in the datastore's index, and its neighbours serve the tokens that follow (RETRO).
+    Without a KV cache: each step runs the window, which starts on the chunk grid (cheap at these context sizes).
+    Every retrieval is kept with its latency, so the caller can show which neighbours served which chunk."""
+
+    def __init__(self, model: Transformer, retriever, k: int, continuation: bool = True, feed_model: bool = True):
+        self.model, self.retriever, self.k = model, retriever, k
+        self.C = retriever.layout.chunk_size
+        self.continuation, self.feed_model = continuation, feed_model
+        self.retrieved: dict[int, object] = {}  # sequence chunk index -> NeighbourBatch row
+        self.latencies_ms: list[float] = []
+
+    def retrieve(self, ids: list[int], chunk: int) -> None:
+        import time
+
+        if chunk in self.retrieved:
+            return
+        text = self.retriever.store.tokenizer.decode(ids[chunk * self.C : (chunk + 1) * self.C])
+        t0 = time.perf_counter()
+        nb = self.retriever.neighbours([text], self.k)
+        self.latencies_ms.append(1000 * (time.perf_counter() - t0))
+        self.retrieved[chunk] = nb
+
+    def slot_inputs(self, ids: list[int], w0: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Neighbours (1, S, K, R) and mask for the window ``ids[w0 : w0 + length]`` (w0 on the chunk grid)."""
+        C, K = self.C, self.k
+        R = 2 * C if self.continuation else C
+        S = length // C + 1
+        tokens = torch.zeros(1, S, K, R, dtype=torch.long)
+        mask = torch.zeros(1, S, K, R, dtype=torch.bool)
+        for s in range(S):
+            chunk = w0 // C + s - 1
+            if chunk >= 0 and chunk in self.retrieved:
+                nb = self.retrieved[chunk]
+                tokens[0, s] = torch.from_numpy(nb.tokens[0, :, :R])
+                mask[0, s] = torch.from_numpy(nb.mask[0, :, :R])
+        return tokens, mask
+
+    def sample(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop_id: int | None = None) -> Iterator[int]:
+        """Yield new token ids. faiss searches single-threaded meanwhile: one query gains nothing from threads,
+        and faiss's OpenMP pool spinning beside torch's made each step ~10x slower (measured)."""
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            yield from self._sample(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    @torch.no_grad()
+    def _sample(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id) -> Iterator[int]:
+        T, C = self.model.config.context, self.C
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) > T:
+            raise ValueError(f"the prompt is {len(prompt)} tokens, longer than the model's context of {T}; shorten it")
+        self.model.eval()
+        generator = torch.Generator()
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        ids = list(prompt)
+        for _ in range(max_new_tokens):
+            for chunk in range(len(ids) // C):
+                self.retrieve(ids, chunk)
+            w0 = 0 if len(ids) <= T else -(-(len(ids) - T) // C) * C
+            window = ids[w0:]
+            inputs = {}
+            if self.feed_model and self.model.retrieval is not None:
+                nb, mask = self.slot_inputs(ids, w0, len(window))
+                inputs = {"neighbours": nb, "neighbour_mask": mask}
+            logits, _ = self.model(torch.tensor([window]), **inputs)
+            last = logits[:, -1]
+            if temperature == 0:
+                next_id = int(last.argmax(-1))
+            else:
+                next_id = int(torch.multinomial(filter_logits(last, temperature, top_k, top_p), 1, generator=generator))
+            yield next_id
+            if stop_id is not None and next_id == stop_id:
+                return
+            ids.append(next_id)
+        for chunk in range(len(ids) // C):
+            self.retrieve(ids, chunk)
+
+    def provenance(self, ids: list[int], first_generated: int) -> list[dict]:
+        """For each chunk holding generated tokens: its text and the neighbours that served it (those retrieved
+        by the chunk before it), each with its document, offsets, score and text."""
+        from knnformer.chunks import provenance
+
+        store, layout, C = self.retriever.store, self.retriever.layout, self.C
+        out = []
+        for chunk in range(first_generated // C, -(-len(ids) // C)):
+            served_by = self.retrieved.get(chunk - 1)
+            neighbours = []
+            if served_by is not None:
+                for j in range(self.k):
+                    cid = int(served_by.ids[0, j])
+                    if cid < 0:
+                        continue
+                    source = provenance(store, layout, cid).to_dict()
+                    source["score"] = float(served_by.scores[0, j])
+                    neighbours.append(source)
+            out.append({"chunk": chunk, "text": store.tokenizer.decode(ids[chunk * C : (chunk + 1) * C]),
+                        "retrieved_with_chunk": chunk - 1 if served_by is not None else None,
+                        "neighbours": neighbours})
+        return out
