@@ -225,6 +225,31 @@ def exact_search(xb: np.ndarray, xq: np.ndarray, k: int, block: int = 262_144) -
     return SearchResult(heap.D, heap.I)
 
 
+def exact_search_excluding(xb: np.ndarray, xq: np.ndarray, k: int, lo: np.ndarray, hi: np.ndarray,
+                           block: int = 65_536, rows: int = 256) -> SearchResult:
+    """Exact inner-product top ``k`` of each query ``xq[r]`` over the rows of ``xb`` outside ``[lo[r], hi[r])``;
+    ``rows`` queries and ``block`` rows of ``xb`` at a time (about 64 MB of scores)."""
+    nq, n = len(xq), len(xb)
+    k = min(k, n)
+    D = np.full((nq, k), -np.inf, dtype=np.float32)
+    I = np.full((nq, k), -1, dtype=np.int64)  # noqa: E741
+    for r in range(0, nq, rows):
+        q = np.asarray(xq[r : r + rows], dtype=np.float32)
+        rlo, rhi = np.asarray(lo[r : r + rows])[:, None], np.asarray(hi[r : r + rows])[:, None]
+        best_d, best_i = D[r : r + rows], I[r : r + rows]
+        for b in range(0, n, block):
+            ids = np.arange(b, min(b + block, n))
+            scores = q @ np.asarray(xb[b : b + block], dtype=np.float32).T
+            scores[(ids >= rlo) & (ids < rhi)] = -np.inf
+            cand_d = np.concatenate([best_d, scores], 1)
+            cand_i = np.concatenate([best_i, np.broadcast_to(ids, scores.shape)], 1)
+            top = np.argsort(-cand_d, axis=1, kind="stable")[:, :k]
+            best_d, best_i = np.take_along_axis(cand_d, top, 1), np.take_along_axis(cand_i, top, 1)
+        best_i[~np.isfinite(best_d)] = -1
+        D[r : r + rows], I[r : r + rows] = best_d, best_i
+    return SearchResult(D, I)
+
+
 def recall_at_k(index: DenseIndex, xb: np.ndarray, xq: np.ndarray, k: int = 10) -> float:
     """Share of the exact top ``k`` (over ``xb``) that ``index`` returns for the queries ``xq``."""
     k = min(k, len(xb))

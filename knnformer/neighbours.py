@@ -38,7 +38,7 @@ from knnformer.chunks import (DEFAULT_CHUNK_SIZE, ChunkLayout, chunk_layout, chu
 from knnformer.datastore import Datastore
 from knnformer.embedders import chunks_to_embeddings, make_embedder
 from knnformer.index import (DEFAULT_MEMORY_BUDGET, INDEX_KINDS, BM25Index, DenseIndex, SearchResult,
-                             build_dense_index, choose_index_kind, measure_recall, path_size)
+                             build_dense_index, choose_index_kind, exact_search_excluding, measure_recall, path_size)
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +87,17 @@ MAX_RESULTS_PER_CALL = 1 << 22
 
 def compute_neighbours(layout: ChunkLayout, search: Callable[[np.ndarray, int], SearchResult], k: int,
                        exclude_window: int, exclude_same_document: bool, batch_size: int = 2048,
-                       progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                       progress: Callable[[int], None] | None = None,
+                       exact: Callable[[np.ndarray, np.ndarray, np.ndarray, int], SearchResult] | None = None,
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
     """The ``k`` nearest allowed train chunks of every chunk; ``search(ids, kk)`` searches for the query chunks
     ``ids``. Returns (ids (N, k) int32, scores (N, k) float16, number of rows left with fewer than k).
 
     Each query over-fetches ``k`` plus the size of its excluded range (rounded up to a power of two), which an
-    exact index always fills with at least ``k`` allowed chunks; rows an approximate index leaves short are
-    searched again with four times as many candidates, up to every train chunk."""
+    exact index always fills with at least ``k`` allowed chunks. Rows an approximate index leaves short (an
+    IVF search sees only the lists it probes) go to ``exact(ids, lo, hi, k)``, a search that skips the
+    excluded range itself; without it they are searched again with four times as many candidates, up to
+    every train chunk."""
     n, n_train = layout.num_chunks, layout.num_train
     out_i = np.full((n, k), -1, dtype=np.int32)
     out_d = np.zeros((n, k), dtype=np.float16)
@@ -115,7 +119,12 @@ def compute_neighbours(layout: ChunkLayout, search: Callable[[np.ndarray, int], 
                 out_i[ids, : keep.shape[1]] = np.where(keep, np.take_along_axis(I, order, 1), -1)
                 out_d[ids, : keep.shape[1]] = np.where(keep, np.take_along_axis(D, order, 1), 0)
                 short = ok.sum(1) < np.minimum(k, n_train - (ihi - ilo)[:, 0])
-                if short.any() and kk < n_train:
+                if short.any() and exact is not None:
+                    sid = ids[short]
+                    D, I = exact(sid, ilo[short, 0], ihi[short, 0], k)
+                    out_i[sid], out_d[sid] = np.where(I >= 0, I, -1), np.where(I >= 0, D, 0)
+                    num_short += int((I < 0).any(1).sum())
+                elif short.any() and kk < n_train:
                     todo.append((min(n_train, kk * 4), ids[short], ilo[short, 0], ihi[short, 0]))
                 else:
                     num_short += int((ok.sum(1) < k).sum())
@@ -180,10 +189,14 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
 
         def search(ids: np.ndarray, kk: int) -> SearchResult:
             return built.search(vectors[ids], kk)
+
+        def exact(ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, kk: int) -> SearchResult:
+            return exact_search_excluding(xb, vectors[ids], kk, lo, hi)
     t1 = time.perf_counter()
     single = int(store.manifest["splits"]["train"]["documents"]) <= 1
     ids, scores, num_short = compute_neighbours(layout, search, k, exclude_window, not single,
-                                                progress=progress("neighbours", layout.num_chunks))
+                                                progress=progress("neighbours", layout.num_chunks),
+                                                exact=None if emb.sparse else exact)
     neighbours_s = time.perf_counter() - t1
     if num_short:
         logger.warning("%d chunks have fewer than %d allowed neighbours (padded with -1)", num_short, k)

@@ -15,9 +15,9 @@ from knnformer.chunks import chunk_layout, provenance
 from knnformer.corpus import Document, assign_splits
 from knnformer.datastore import Datastore, write_datastore
 from knnformer.embedders import BytesHashEmbedder, make_embedder
-from knnformer.index import (FLAT_MAX, BM25Index, DenseIndex, build_dense_index, choose_index_kind, exact_search,
-                             measure_recall)
-from knnformer.neighbours import index_datastore, load_neighbours, open_retriever
+from knnformer.index import (FLAT_MAX, BM25Index, DenseIndex, SearchResult, build_dense_index, choose_index_kind,
+                             exact_search, exact_search_excluding, measure_recall)
+from knnformer.neighbours import compute_neighbours, index_datastore, load_neighbours, open_retriever
 from knnformer.tokenizer import BPETokenizer, ByteTokenizer
 
 C = 16
@@ -187,7 +187,44 @@ def test_exact_search_in_blocks_equals_one_block():
     assert np.array_equal(one.I, blocks.I)
 
 
+def test_exact_search_excluding_skips_each_rows_range():
+    xb, xq = _clustered(700, 16), _clustered(40, 16, seed=1).astype(np.float32)
+    rng = np.random.default_rng(2)
+    lo = rng.integers(0, 700, 40)
+    hi = lo + rng.integers(0, 300, 40)
+    D, I = exact_search_excluding(xb, xq, 6, lo, hi, block=128, rows=16)
+    scores = xq @ xb.astype(np.float32).T
+    ids = np.arange(700)
+    scores[(ids >= lo[:, None]) & (ids < hi[:, None])] = -np.inf
+    assert np.array_equal(I, np.argsort(-scores, axis=1, kind="stable")[:, :6])
+    assert not ((I >= lo[:, None]) & (I < hi[:, None])).any()
+
+
 # ---------------------------------------------------------------- neighbours and leakage
+
+def test_rows_an_approximate_index_leaves_short_fall_back_to_exact_search(tmp_path):
+    store = _store(tmp_path, _multi_doc_corpus())
+    layout = chunk_layout(store, C)
+    texts = [store.tokenizer.decode(store.tokens[a:b]) for a, b in zip(layout.starts, layout.ends)]
+    vecs = make_embedder("bytes-hash").embed(texts)
+    xb = vecs[: layout.num_train]
+
+    def exact(ids, lo, hi, k):
+        return exact_search_excluding(xb, vecs[ids], k, lo, hi)
+
+    def full(ids, kk):
+        return exact_search(xb, vecs[ids], kk)
+
+    def truncated(ids, kk):  # like IVF probing too few lists: finds only 3 chunks a query
+        D, I = full(ids, kk)
+        return SearchResult(np.where(np.arange(kk) < 3, D, -np.inf), np.where(np.arange(kk) < 3, I, -1))
+
+    want = compute_neighbours(layout, full, 4, 40, True)
+    got = compute_neighbours(layout, truncated, 4, 40, True, exact=exact)
+    assert want[2] == got[2] == 0
+    assert np.array_equal(want[1], got[1])  # the same scores; ids may differ between exact ties (repeated text)
+    assert (got[0] >= 0).all()
+
 
 @pytest.mark.parametrize("embedder", ["bytes-hash", "bm25"])
 def test_no_train_chunk_has_a_neighbour_from_its_own_document_or_window(tmp_path, embedder):
