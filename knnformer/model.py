@@ -49,6 +49,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.roll(x, half, dims=-1) * sin_signed
 
 
+def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` on the queries and keys of qkv (B, T, 3, H, Dh), values passed through unchanged.
+
+    One pass over all of qkv, with the tables extended by the identity rotation (cos 1, sin 0) for the values:
+    its backward is then a single stack of the q, k, v gradients, where rotating a slice of qkv costs slice and
+    select backwards that zero-fill and add full-size buffers.
+    """
+    half = cos.shape[-1] // 2
+    sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # (T, Dh)
+    cos3 = torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None]  # (T, 3, 1, Dh)
+    sin3 = torch.stack([sin_signed, sin_signed, torch.zeros_like(sin)], dim=1)[:, :, None]
+    return qkv * cos3 + torch.roll(qkv, half, dims=-1) * sin3
+
+
 @dataclass
 class KVCache:
     """Keys and values of the tokens seen so far, one (B, H, context, Dh) pair per layer."""
@@ -67,7 +81,7 @@ class KVCache:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention of q, k, v (B, H, T, Dh). Under CPU bf16 autocast it runs in fp32: CPU flash attention's
     backward is about 4x slower in bf16 than in fp32 (torch 2.4 - 2.13), and attention is a small share of the
-    FLOPs. Queries and keys come out of the rotary in fp32 already, so this costs one cast of v."""
+    FLOPs. q, k and v leave the rotary in fp32 already (bf16 qkv times fp32 tables), so this casts nothing."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout_p)
@@ -85,8 +99,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, Dh)
-        qk = apply_rotary(qkv[:, :, :2], cos[:, None, None], sin[:, None, None])  # (B, T, 2, H, Dh)
-        q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
+        q, k, v = (t.transpose(1, 2) for t in rotate_qkv(qkv, cos, sin).unbind(2))  # (B, H, T, Dh) each
         if cache is None:
             y = attend(q, k, v, self.dropout if self.training else 0.0)
         else:
