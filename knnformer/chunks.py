@@ -29,7 +29,9 @@ import numpy as np
 from knnformer.corpus import SPLITS
 from knnformer.datastore import Datastore
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 16
+"""Small enough that nanoGPT's 64-token context holds four chunks, so retrieval serves most of a window (the
+model's ``retrieval.chunk_size`` defaults to the index's)."""
 
 
 @dataclass(frozen=True)
