@@ -6,7 +6,6 @@ Wired into ``cli.py`` by ``add_index_parser(sub)``; it shares the top-level ``--
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 
 from tqdm import tqdm
@@ -58,7 +57,6 @@ def format_summary(path: str, section: dict, seconds: float) -> str:
 def cmd_index(args) -> int:
     from knnformer.neighbours import index_datastore
 
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs each stage at DEBUG
     t0 = time.perf_counter()
     bars = _Bars(getattr(args, "quiet", False))
     try:

@@ -38,7 +38,7 @@ FLAT_MAX = 50_000
 """Largest number of train chunks for which ``auto`` picks exact search."""
 DEFAULT_MEMORY_BUDGET = 2 << 30
 HNSW_M = 32
-EF_SEARCH = 128
+EF_SEARCH = 256
 REFINE_FACTOR = 16
 """An ivfpq search re-scores up to this many times k candidates (for k <= 64) with the stored vectors."""
 SMALL_WORK = 1 << 26
@@ -274,7 +274,22 @@ def _bm25s():
         import bm25s
     except ImportError:
         raise ValueError("the bm25 embedder needs the package bm25s: `pip install bm25s`") from None
+    # bm25s sets its logger to DEBUG on import and logs every empty query at INFO; keep its warnings only
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     return bm25s
+
+
+def _bm25_backend(num_queries: int) -> str:
+    """bm25s scores with numba when it is installed (5x faster here: 0.18 s vs 0.9 s per 1,000 queries over
+    117k chunks) but compiles for ~3 s first, so small batches (live retrieval) stay on numpy. The two
+    give the same scores; only the order of exact ties may differ."""
+    if num_queries < 1000:
+        return "numpy"
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return "numpy"
+    return "numba"
 
 
 class BM25Index:
@@ -303,7 +318,7 @@ class BM25Index:
         I = np.empty((len(xq), k), dtype=np.int64)  # noqa: E741
         for b in range(0, len(xq), batch_size):
             q = bm25s.tokenize(list(xq[b : b + batch_size]), stopwords="en", return_ids=False, show_progress=False)
-            res = self.retriever.retrieve(q, k=k, show_progress=False)
+            res = self.retriever.retrieve(q, k=k, show_progress=False, backend_selection=_bm25_backend(len(q)))
             I[b : b + len(q)], D[b : b + len(q)] = res.documents, res.scores
         return SearchResult(D, I)
 

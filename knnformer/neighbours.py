@@ -13,8 +13,13 @@ Leakage rules (DESIGN.md invariant 2), applied to train queries after over-fetch
   (with a single train document, as in a corpus split by position, only the window rule applies).
 
 Valid and test queries search the train chunks only (the index holds nothing else) with no further filter.
-When filtering leaves fewer than K, the rows are searched again with four times as many candidates, up to every
-train chunk.
+Both rules exclude one contiguous range of train chunk ids per query (see ``excluded_ranges``), so a query
+over-fetches K plus that range's size; rows an approximate index still leaves short fall back to an exact search
+that skips the range (dense) or are searched again with more candidates (bm25). A row is short of K (padded with
+-1, counted in the manifest) only when fewer than K train chunks are allowed at all.
+
+Continuation: a neighbour hands over its own C tokens and its continuation's (``ChunkLayout.continuations``:
+the next train chunk when the text goes on in the same document, else none), and the leakage rules hold for both.
 
 The model side calls ``load_neighbours(datastore, expected_embedder, chunk_size, context)`` once, then
 ``Neighbours.for_windows(split, starts, length, k)`` per batch: the neighbours' tokens and continuations, padded,
