@@ -106,36 +106,42 @@ def compute_neighbours(layout: ChunkLayout, search: Callable[[np.ndarray, int], 
     n, n_train = layout.num_chunks, layout.num_train
     out_i = np.full((n, k), -1, dtype=np.int32)
     out_d = np.zeros((n, k), dtype=np.float16)
-    num_short = 0
+    first = min(n_train, 1 << int(np.ceil(np.log2(4 * k + 16))))
     for b in range(0, n, batch_size):
         q = np.arange(b, min(b + batch_size, n))
         lo, hi = excluded_ranges(layout, q, exclude_window, exclude_same_document)
+        # enough candidates to hold k allowed ones whatever the excluded range holds, as a power of two
         need = np.minimum(n_train, 2 ** np.ceil(np.log2(k + hi - lo + 8)).astype(np.int64))
-        todo = [(kk, q[need == kk], lo[need == kk], hi[need == kk]) for kk in np.unique(need)]
+        kk0 = np.minimum(need, first)  # most rows are served by a small over-fetch; only the short ones pay more
+        todo = [(kk, q[kk0 == kk], lo[kk0 == kk], hi[kk0 == kk], need[kk0 == kk]) for kk in np.unique(kk0)]
         while todo:
-            kk, rows, rlo, rhi = todo.pop()
+            kk, rows, rlo, rhi, rneed = todo.pop()
             step = max(1, MAX_RESULTS_PER_CALL // kk)
             for s in range(0, len(rows), step):
-                ids, ilo, ihi = rows[s : s + step], rlo[s : s + step, None], rhi[s : s + step, None]
+                sl = slice(s, s + step)
+                ids, ilo, ihi, ineed = rows[sl], rlo[sl], rhi[sl], rneed[sl]
                 D, I = search(ids, int(kk))
-                ok = (I >= 0) & ~((I >= ilo) & (I < ihi))
+                ok = (I >= 0) & ~((I >= ilo[:, None]) & (I < ihi[:, None]))
                 order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # allowed ones first, nearest first
                 keep = np.take_along_axis(ok, order, 1)
                 out_i[ids, : keep.shape[1]] = np.where(keep, np.take_along_axis(I, order, 1), -1)
                 out_d[ids, : keep.shape[1]] = np.where(keep, np.take_along_axis(D, order, 1), 0)
-                short = ok.sum(1) < np.minimum(k, n_train - (ihi - ilo)[:, 0])
-                if short.any() and exact is not None:
-                    sid = ids[short]
-                    D, I = exact(sid, ilo[short, 0], ihi[short, 0], k)
-                    out_i[sid], out_d[sid] = np.where(I >= 0, I, -1), np.where(I >= 0, D, 0)
-                    num_short += int((I < 0).any(1).sum())
-                elif short.any() and kk < n_train:
-                    todo.append((min(n_train, kk * 4), ids[short], ilo[short, 0], ihi[short, 0]))
-                else:
-                    num_short += int((ok.sum(1) < k).sum())
+                short = ok.sum(1) < np.minimum(k, n_train - (ihi - ilo))
+                more = short & (ineed > kk)  # next: over-fetch by the whole excluded range
+                todo += [(int(v), ids[more & (ineed == v)], ilo[more & (ineed == v)], ihi[more & (ineed == v)],
+                          ineed[more & (ineed == v)]) for v in np.unique(ineed[more])]
+                last = short & ~more
+                if not last.any():
+                    continue
+                if exact is not None:  # an approximate index found too few: search exactly around the range
+                    D, I = exact(ids[last], ilo[last], ihi[last], k)
+                    out_i[ids[last]], out_d[ids[last]] = np.where(I >= 0, I, -1), np.where(I >= 0, D, 0)
+                elif kk < n_train:
+                    grow = min(n_train, kk * 4)
+                    todo.append((grow, ids[last], ilo[last], ihi[last], np.full(int(last.sum()), grow)))
         if progress is not None:
             progress(len(q))
-    return out_i, out_d, num_short
+    return out_i, out_d, int((out_i < 0).any(1).sum())
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
