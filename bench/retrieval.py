@@ -1,0 +1,162 @@
+"""Dense vs retrieval (per embedder) vs dense + kNN-LM on one corpus, at equal steps and at equal wall-clock.
+
+    python bench/retrieval.py --corpus shakespeare --embedders bytes-hash bm25 minilm --steps 2000
+
+Writes bench/results/retrieval-<corpus>.json. Every model uses the same preset (model size, batch, steps);
+retrieval models read neighbours precomputed by `knnformer index` (no search in the training loop). Bits per
+byte on valid (and test where the corpus has one), with RETRO's overlap-filtered figure at alpha = 0.125
+beside it; step time of each retrieval model over the dense step time, measured in this process; index
+build time and bytes per chunk; retrieval latency per generated chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+CORPORA = {
+    "shakespeare": {"inputs": [SHARED / "tinyshakespeare" / "input.txt"], "split_file": None, "splits": ["valid"]},
+    "sympy": {"inputs": [SHARED / "sympy-1.13.3"], "split_file": None, "splits": ["valid", "test"], "glob": "**/*.py.txt"},
+    "gutenberg": {"inputs": [SHARED / "gutenberg" / "books"], "split_file": SHARED / "gutenberg" / "MANIFEST.tsv",
+                  "splits": ["valid", "test"]},
+}
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except Exception:
+        return platform.processor()
+
+
+def prepare(corpus: str, work: Path):
+    from knnformer.corpus import apply_split_file, assign_splits, read_documents, read_split_file
+    from knnformer.datastore import Datastore, build_tokenizer, write_datastore
+
+    spec = CORPORA[corpus]
+    path = work / f"{corpus}-store"
+    if not (path / "manifest.json").exists():
+        docs, _ = read_documents([str(p) for p in spec["inputs"]], spec.get("glob", "**/*"))
+        if spec["split_file"]:
+            docs = apply_split_file(docs, read_split_file(str(spec["split_file"])))
+        else:
+            single = len(docs) == 1
+            docs = assign_splits(docs, 0.1 if single else 0.05, 0.0 if single else 0.05)
+        write_datastore(path, docs, build_tokenizer(docs, "bytes", 0), [str(p) for p in spec["inputs"]], True)
+    return Datastore.open(path)
+
+
+def median_rate(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["tokens_per_s"] for r in rows if "valid_loss" not in r)
+
+
+def evaluate_splits(run: Path, splits: list[str]) -> dict:
+    from knnformer.evaluate import evaluate_run
+
+    out = {}
+    for split in splits:
+        result = evaluate_run(run, split)
+        out[split] = {k: result[k] for k in ("loss", "bits_per_byte", "filtered", "retrieval_off", "retrieval",
+                                             "neighbours") if k in result}
+    return out
+
+
+def train_and_evaluate(store, run: Path, preset: str, sets: list[str], splits: list[str]) -> dict:
+    from knnformer.config import load_config
+    from knnformer.trainer import train
+
+    shutil.rmtree(run, ignore_errors=True)
+    config = load_config(preset, sets)
+    config.model.vocab_size = store.tokenizer.vocab_size
+    t0 = time.perf_counter()
+    train(run, store, config)
+    seconds = time.perf_counter() - t0
+    out = {"train_seconds": round(seconds, 1), "tokens_per_s_median": round(median_rate(run), 1), "sets": sets}
+    out.update(evaluate_splits(run, splits))
+    return out
+
+
+def retrieval_latency(store, run: Path, chunks: int = 20) -> float:
+    """Median milliseconds of one retrieval (embed + search) per generated chunk."""
+    from knnformer.evaluate import load_run
+    from knnformer.generate import RetrievingGenerator
+    from knnformer.neighbours import open_retriever
+
+    model, record, _ = load_run(run)
+    gen = RetrievingGenerator(model, open_retriever(store), 2)
+    C = gen.C
+    prompt = [int(t) for t in store.split_tokens("valid")[:C]]
+    list(gen.sample(prompt, C * chunks, temperature=1.0, seed=0))
+    lat = sorted(gen.latencies_ms)
+    return round(lat[len(lat) // 2], 3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--corpus", choices=sorted(CORPORA), default="shakespeare")
+    p.add_argument("--embedders", nargs="+", default=["bytes-hash", "bm25"])
+    p.add_argument("--preset", default="shakespeare-char")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--chunk-size", type=int, default=16)
+    p.add_argument("--work", default=str(ROOT / "bench" / "work"))
+    p.add_argument("--equal-time", action="store_true", help="also train dense for the retrieval run's wall time")
+    p.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
+    args = p.parse_args()
+    from knnformer.chunks import read_retrieval_manifest
+    from knnformer.neighbours import index_datastore
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    spec = CORPORA[args.corpus]
+    store = prepare(args.corpus, work)
+    base = [f"train.steps={args.steps}", f"train.checkpoint_interval={args.steps}"] + args.set
+    report = {"corpus": args.corpus, "preset": args.preset, "steps": args.steps, "chunk_size": args.chunk_size,
+              "machine": cpu_name(), "command": " ".join(sys.argv), "models": {}}
+    print(f"dense ({args.steps} steps)", flush=True)
+    dense = train_and_evaluate(store, work / f"{args.corpus}-dense", args.preset, base, spec["splits"])
+    report["models"]["dense"] = dense
+    for embedder in args.embedders:
+        print(f"index with {embedder}", flush=True)
+        t0 = time.perf_counter()
+        index_datastore(store.path, embedder=embedder, chunk_size=args.chunk_size)
+        info = read_retrieval_manifest(store.path)
+        index_seconds = time.perf_counter() - t0
+        # the dense model on the chunks bucketed by this embedder's neighbours (RETRO reports both on the same)
+        report["models"][f"dense-filtered-by-{embedder}"] = evaluate_splits(work / f"{args.corpus}-dense",
+                                                                             spec["splits"])
+        print(f"retrieval with {embedder}", flush=True)
+        run = work / f"{args.corpus}-retro-{embedder}"
+        result = train_and_evaluate(store, run, args.preset, base + ["retrieval.enabled=true"], spec["splits"])
+        result["step_time_vs_dense"] = round(dense["tokens_per_s_median"] / result["tokens_per_s_median"], 3)
+        result["index"] = {"seconds_total": round(index_seconds, 1), **info["index"],
+                           "neighbour_seconds": info["neighbours"]["seconds"]}
+        result["retrieval_ms_per_chunk"] = retrieval_latency(store, run)
+        report["models"][f"retro-{embedder}"] = result
+        if args.equal_time:
+            steps = round(args.steps * result["train_seconds"] / dense["train_seconds"])
+            print(f"dense at equal wall-clock ({steps} steps)", flush=True)
+            report["models"][f"dense-equal-time-{embedder}"] = train_and_evaluate(
+                store, work / f"{args.corpus}-dense-eq", args.preset,
+                [f"train.steps={steps}", f"train.checkpoint_interval={steps}"] + args.set, spec["splits"])
+    out = ROOT / "bench" / "results" / f"retrieval-{args.corpus}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    summary = {name: {s: (m[s]["bits_per_byte"], m[s].get("filtered", {}).get("0.125", {}).get("bits_per_byte"))
+                      for s in spec["splits"]} for name, m in report["models"].items()}
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
