@@ -83,8 +83,8 @@ class EncoderBlock(nn.Module):
         self.ffn_norm = RMSNorm(dim, norm_eps)
         self.ffn = SwiGLU(ModelConfig(dim=dim, num_heads=num_heads, norm_eps=norm_eps))
 
-    def forward(self, x, cos, sin, mask, chunk_states):
-        """x (N, R, De) with N = B*S*K, mask (N, R), chunk_states (N, C, D) or None."""
+    def forward(self, x, cos, sin, mask, chunk_states, K: int = 1):
+        """x (N, R, De) with N = B*S*K, mask (N, R), chunk_states (B*S, C, D) or None."""
         N, R, De = x.shape
         H = self.num_heads
         q, k, v = self.qkv(self.attn_norm(x)).view(N, R, 3, H, De // H).permute(2, 0, 3, 1, 4)  # (N, H, R, Dh)
@@ -92,7 +92,10 @@ class EncoderBlock(nn.Module):
         y = attend_with_null(q, k, v, mask)
         x = x + self.proj(y.transpose(1, 2).reshape(N, R, De))
         if self.cross is not None and chunk_states is not None:
-            x = x + self.cross(self.cross_norm(x), chunk_states)
+            # the K neighbours of a slot read the same chunk: fold them into the query length, so the chunk's
+            # keys and values are projected once per slot, not once per neighbour
+            y = self.cross(self.cross_norm(x).view(N // K, K * R, De), chunk_states)
+            x = x + y.view(N, R, De)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -136,10 +139,10 @@ class Retrieval(nn.Module):
             # slot s >= 1 reads the decoder's states of window chunk s - 1; slot 0 (before the window) reads zeros
             chunks = h[:, : (S - 1) * C].reshape(B, S - 1, C, D)
             chunks = torch.cat([chunks.new_zeros(B, 1, C, D), chunks], dim=1)  # (B, S, C, D)
-            states = chunks[:, :, None].expand(B, S, K, C, D).reshape(B * S * K, C, D)
+            states = chunks.reshape(B * S, C, D)
         cos, sin = self.rope_cos[:R], self.rope_sin[:R]
         for block in self.encoder:
-            x = block(x, cos, sin, flat_mask, states)
+            x = block(x, cos, sin, flat_mask, states, K)
         return self.encoder_norm(x).view(B, S, K, R, -1)
 
     def cross_attend(self, layer: int, h: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
