@@ -1,0 +1,196 @@
+"""kNN-LM: the store of train hidden states, its search, the interpolation and honest tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from knnformer.evaluate import load_run, open_run_datastore, score_tokens
+from knnformer.knnlm import (KeySearch, KnnStore, build_ivf, evaluate_knn_lm, exact_l2, interpolate, knn_logprobs,
+                             recall, torch_threads, tune)
+from knnformer.trainer import train
+from conftest import make_datastore
+
+
+def train_tiny(run_dir, store, steps: int, *overrides: str, resume: bool = False):
+    """The tiny preset trained ``steps`` steps on one thread (two threads crawl on a busy shared CPU)."""
+    from knnformer.config import load_config
+
+    config = load_config("tiny", [f"train.steps={steps}", "train.eval_interval=0",
+                                  f"train.checkpoint_interval={steps}", *overrides])
+    config.model.vocab_size = 256
+    with torch_threads(1):
+        train(run_dir, store, config, resume=resume)
+
+
+def knn(run_dir, split="valid", **kwargs):
+    return evaluate_knn_lm(run_dir, split, threads=1, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A plain tiny model trained a few steps on the tiny byte datastore."""
+    tmp = tmp_path_factory.mktemp("knnlm")
+    store = make_datastore(tmp, "bytes", num_docs=8)
+    train_tiny(tmp / "run", store, 10)
+    return tmp / "run", store
+
+
+def scored_lm_loss(run_dir, lo: int, hi: int, neighbours=None) -> float:
+    """evaluate.py's own per-token losses, averaged over the targets lo .. hi - 1 of valid."""
+    model, record, _ = load_run(run_dir)
+    store = open_run_datastore(record)
+    tokens = store.split_tokens("valid")
+    with torch_threads(1):
+        out = score_tokens(model, tokens, store.tokenizer.token_bytes, per_token=True, neighbours=neighbours)
+    return float(out["losses"][lo - 1 : hi - 1].astype(np.float64).mean())
+
+
+def test_lambda_zero_is_the_lm_exactly(tiny_run):
+    run_dir, _ = tiny_run
+    r = knn(run_dir, "valid", lam=0.0, k=4, temperature=1.0)
+    assert r["lambda"] == 0.0
+    assert r["loss"] == r["lm"]["loss"] and r["bits_per_byte"] == r["lm"]["bits_per_byte"]
+    lo, hi = r["scored_targets"]
+    assert r["tokens"] == hi - lo
+    assert r["loss"] == pytest.approx(scored_lm_loss(run_dir, lo, hi), abs=1e-6)
+
+
+def test_interpolation_matches_a_hand_computation():
+    D = np.array([[1.0, 2.0, 4.0], [0.5, 1.0, np.inf]])  # second query: only two keys found
+    match = np.array([[True, False, True], [False, False, True]])
+    T, lam, p_lm = 2.0, 0.25, np.array([0.1, 0.3])
+    w = np.exp(-np.array([1.0, 2.0, 4.0]) / T)
+    knn = knn_logprobs(D, match, T)
+    assert float(knn[0, 2]) == pytest.approx(math.log((w[0] + w[2]) / w.sum()), abs=1e-12)
+    assert float(knn[0, 1]) == pytest.approx(math.log(w[0] / w[:2].sum()), abs=1e-12)
+    assert float(knn[0, 0]) == pytest.approx(0.0, abs=1e-12)  # k = 1, the nearest key matches
+    assert float(knn[1, 2]) == -math.inf  # the only match was never found
+    logp = interpolate(np.log(p_lm), knn[:, 2], lam)
+    assert float(logp[0]) == pytest.approx(math.log(lam * (w[0] + w[2]) / w.sum() + (1 - lam) * 0.1), abs=1e-12)
+    assert float(logp[1]) == pytest.approx(math.log((1 - lam) * 0.3), abs=1e-12)
+    assert torch.equal(interpolate(np.log(p_lm), knn[:, 2], 0.0), torch.tensor(np.log(p_lm)))
+
+
+def test_tune_finds_the_best_grid_point():
+    rng = np.random.default_rng(0)
+    D = np.sort(rng.random((200, 8)) * 4, axis=1)
+    match = rng.random((200, 8)) < 0.5
+    lm = np.log(rng.random(200) * 0.2 + 0.01)
+    best = tune(lm, D, match, lambdas=(0.0, 0.3, 0.6), ks=[2, 8], temperatures=[0.5, 2.0])
+    losses = {(lam, k, t): float(-interpolate(lm, knn_logprobs(D, match, t)[:, k - 1], lam).mean())
+              for lam in (0.0, 0.3, 0.6) for k in (2, 8) for t in (0.5, 2.0)}
+    assert best["loss"] == pytest.approx(min(losses.values()), abs=1e-12)
+    assert losses[(best["lambda"], best["k"], best["temperature"])] == pytest.approx(best["loss"], abs=1e-12)
+
+
+def test_tuning_never_looks_at_the_scored_tokens(tiny_run, tmp_path):
+    run_dir, store = tiny_run
+    r = knn(run_dir, "valid", k_max=16)
+    (t_lo, t_hi), (s_lo, s_hi) = r["tuned_targets"], r["scored_targets"]
+    assert r["tuned_on"] == "valid[:half]" and r["scored"] == "valid[half:]"
+    assert t_lo == 1 and t_hi == s_lo == r["half"] and s_hi == len(store.split_tokens("valid"))
+    # the same datastore with valid's second half scrambled: the tuning must not move, the score must
+    changed = tmp_path / "changed"
+    shutil.copytree(store.path, changed)
+    tokens = np.memmap(changed / "tokens.bin", dtype=store.tokens.dtype, mode="r+")
+    lo, _ = store.split_range("valid")
+    half = r["half"]
+    end = lo + len(store.split_tokens("valid"))
+    tokens[lo + half : end] = np.random.default_rng(0).permutation(np.asarray(tokens[lo + half : end]))
+    tokens.flush()
+    again = knn(run_dir, "valid", datastore=str(changed), k_max=16)
+    assert again["store"]["reused"]  # same train split: same keys
+    for key in ("lambda", "k", "temperature"):
+        assert again[key] == r[key]
+    assert again["tuning"] == r["tuning"]
+    assert again["loss"] != r["loss"]
+
+
+def test_store_is_reused_when_it_matches_and_rebuilt_when_the_checkpoint_changes(tmp_path):
+    store = make_datastore(tmp_path, "bytes", num_docs=6)
+    run = tmp_path / "run"
+    train_tiny(run, store, 4)
+    first = knn(run, k_max=8)
+    assert not first["store"]["reused"] and first["step"] == 4
+    keys = np.array(KnnStore.open(run / "knnlm").keys)
+    manifest = json.loads((run / "knnlm" / "manifest.json").read_text())
+    train_tokens = store.split_tokens("train")
+    assert first["store"]["keys"] == len(train_tokens) - 1  # train positions only: no valid key to leak
+    assert np.array_equal(KnnStore.open(run / "knnlm").values, np.asarray(train_tokens[1:]))
+    second = knn(run, k_max=8)
+    assert second["store"]["reused"] and second["loss"] == first["loss"]
+    assert json.loads((run / "knnlm" / "manifest.json").read_text()) == manifest
+    train_tiny(run, store, 8, resume=True)
+    third = knn(run, k_max=8)
+    assert not third["store"]["reused"] and third["step"] == 8
+    rebuilt = json.loads((run / "knnlm" / "manifest.json").read_text())
+    assert rebuilt["identity"]["checkpoint"]["step"] == 8
+    assert rebuilt["identity"]["checkpoint"]["weights_sha256"] != manifest["identity"]["checkpoint"]["weights_sha256"]
+    assert not np.array_equal(np.array(KnnStore.open(run / "knnlm").keys), keys)
+    assert not list(run.glob(".knnlm*"))  # no temporary left behind
+
+
+def test_test_split_is_tuned_on_valid(tmp_path):
+    store = make_datastore(tmp_path, "bytes", num_docs=8, valid=0.25, test=0.25)
+    train_tiny(tmp_path / "run", store, 2)
+    r = knn(tmp_path / "run", "test", k_max=8)
+    assert r["tuned_on"] == "valid" and r["scored"] == "test"
+    assert r["tokens"] == len(store.split_tokens("test")) - 1
+    assert r["tuning"]["tokens"] == len(store.split_tokens("valid")) - 1
+    with pytest.raises(ValueError, match="train split"):
+        knn(tmp_path / "run", "train")
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_approximate_search_against_exact(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, 16)) * 4
+    xb = (centres[rng.integers(0, 50, 8_000)] + rng.normal(size=(8_000, 16))).astype(np.float16)
+    xq = (centres[rng.integers(0, 50, 200)] + rng.normal(size=(200, 16))).astype(np.float32)
+    (tmp_path / "keys.f16").write_bytes(xb.tobytes())
+    np.save(tmp_path / "values.npy", np.zeros(len(xb), dtype=np.int32))
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_keys": len(xb), "dim": 16}))
+    store = KnnStore.open(tmp_path)
+    D, I = exact_l2(store.keys, xq, 10, block=3000)  # noqa: E741
+    brute = ((xq[:, None, :] - xb.astype(np.float32)[None]) ** 2).sum(-1)
+    assert np.array_equal(I, np.argsort(brute, axis=1, kind="stable")[:, :10]) or \
+        np.allclose(D, np.sort(brute, axis=1)[:, :10], rtol=1e-4)
+    index = build_ivf(store, kind)
+    everything = KeySearch(store, kind, index, nprobe=index.nlist, refine=64)
+    assert recall(everything, xq, 10, num_queries=100) >= (0.999 if kind == "ivf" else 0.95)
+    d, i = everything.search(xq[:50], 10)
+    assert np.allclose(d, np.take_along_axis(brute[:50], i, 1), rtol=1e-4)  # exact distances of what was found
+    assert recall(KeySearch(store, kind, index, nprobe=8), xq, 10, num_queries=100) >= 0.8
+
+
+def test_a_retrieval_model_reads_its_neighbours_for_keys_and_queries(tmp_path):
+    """With retrieval on, p_lm and the hidden states are the retrieval model's: at lambda 0 the loss is
+    evaluate's retrieval-on loss of the same tokens, and it differs from the same run with retrieval off."""
+    from knnformer.batches import neighbour_inputs
+    from knnformer.evaluate import run_neighbours
+    from knnformer.neighbours import index_datastore
+
+    store = make_datastore(tmp_path, "bytes", num_docs=8)
+    index_datastore(store.path, embedder="bytes-hash", index="flat", k=2, chunk_size=16, exclude_window=48)
+    train_tiny(tmp_path / "run", store, 3, "retrieval.enabled=true")
+    on = knn(tmp_path / "run", lam=0.0, k=4, temperature=1.0)
+    off = knn(tmp_path / "run", lam=0.0, k=4, temperature=1.0, retrieval="off")
+    assert on["retrieval"] == "on" and off["retrieval"] == "off"
+    assert not off["store"]["reused"]  # keys computed without neighbours are another store
+    _, record, _ = load_run(tmp_path / "run")
+    neighbours = run_neighbours(record, store, required=True)
+
+    def nb_fn(begins, length):
+        nb, mask, _ = neighbour_inputs(neighbours, "valid", begins, length, 2)
+        return nb, mask
+
+    lo, hi = on["scored_targets"]
+    assert on["loss"] == pytest.approx(scored_lm_loss(tmp_path / "run", lo, hi, nb_fn), abs=1e-6)
+    assert off["loss"] == pytest.approx(scored_lm_loss(tmp_path / "run", lo, hi), abs=1e-6)
+    assert abs(on["loss"] - off["loss"]) > 1e-4
