@@ -165,12 +165,22 @@ def cmd_evaluate(args) -> int:
         return bars[-1].update
 
     try:
-        result = evaluate_run(args.run, args.split, args.stride, args.datastore, args.batch_size, factory,
-                              args.retrieval)
+        if args.knn_lm:
+            from knnformer import knnlm
+
+            if args.stride:
+                raise ValueError("--knn-lm scores in consecutive windows; drop --stride")
+            result = knnlm.evaluate_knn_lm(args.run, args.split, args.datastore, args.batch_size, factory,
+                                           args.retrieval)
+            table = knnlm.format_table(result)
+        else:
+            result = evaluate_run(args.run, args.split, args.stride, args.datastore, args.batch_size, factory,
+                                  args.retrieval)
+            table = format_table(result)
     finally:
         for bar in bars:
             bar.close()
-    print(to_json(result) if args.json else format_table(result))
+    print(to_json(result) if args.json else table)
     return 0
 
 
@@ -307,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retrieval", choices=["auto", "on", "off"], default="auto",
                    help="score with the run's retrieval on (also reports off) or as a plain LM (default: on for "
                         "a retrieval run)")
+    s.add_argument("--knn-lm", action="store_true",
+                   help="interpolate with a kNN-LM over the run's train hidden states (lambda, k and temperature "
+                        "tuned on data not scored: valid for test, valid's first half for its second)")
     s.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     s.set_defaults(func=cmd_evaluate)
 

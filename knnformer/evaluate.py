@@ -172,6 +172,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Transformer, dic
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     record = ckpt["config"]
     config = config_from_dict(record["config"])
+    record["config"] = config.to_dict()  # with every default, for runs saved before a section existed
     model = Transformer(config.model, config.retrieval)
     try:
         model.load_state_dict(ckpt["weights"])
