@@ -31,6 +31,9 @@ CORPORA = {
 }
 
 
+REUSE = False
+
+
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -76,12 +79,19 @@ def train_and_evaluate(store, run: Path, preset: str, sets: list[str], splits: l
     from knnformer.config import load_config
     from knnformer.trainer import train
 
-    shutil.rmtree(run, ignore_errors=True)
     config = load_config(preset, sets)
     config.model.vocab_size = store.tokenizer.vocab_size
-    t0 = time.perf_counter()
-    train(run, store, config)
-    seconds = time.perf_counter() - t0
+    timing = run / "bench-seconds.json"
+    if REUSE and (run / "checkpoints" / f"step-{config.train.steps:07d}").is_dir():
+        # a finished run of the same steps: keep it (its wall time from this script, else from its median rate)
+        seconds = (json.loads(timing.read_text())["seconds"] if timing.exists() else
+                   config.train.steps * config.train.batch_size * config.model.context / median_rate(run))
+    else:
+        shutil.rmtree(run, ignore_errors=True)
+        t0 = time.perf_counter()
+        train(run, store, config)
+        seconds = time.perf_counter() - t0
+        timing.write_text(json.dumps({"seconds": seconds}))
     out = {"train_seconds": round(seconds, 1), "tokens_per_s_median": round(median_rate(run), 1), "sets": sets}
     out.update(evaluate_splits(run, splits))
     return out
@@ -112,7 +122,10 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "bench" / "work"))
     p.add_argument("--equal-time", action="store_true", help="also train dense for the retrieval run's wall time")
     p.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs of the same steps in --work")
     args = p.parse_args()
+    global REUSE
+    REUSE = args.reuse
     from knnformer.chunks import read_retrieval_manifest
     from knnformer.neighbours import index_datastore
 
