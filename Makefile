@@ -7,7 +7,7 @@ demo: setup
 	.venv/bin/knnformer demo
 
 test: setup
-	.venv/bin/python -m pytest -q -m "not slow and not gpu"
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -m "not slow and not gpu"
 
 test-all: setup
 	.venv/bin/python -m pytest -q -m "not gpu"

@@ -42,8 +42,8 @@ def test_longest_shared_run():
 
 def test_retrieval_lowers_loss_on_repeated_text(tmp_path):
     store = repeated_text_store(tmp_path)
-    config = load_config("tiny", ["model.context=64", "model.dim=64", "train.steps=300", "train.lr=2e-3",
-                                  "train.batch_size=16", "train.eval_interval=0", "train.checkpoint_interval=300",
+    config = load_config("tiny", ["model.context=64", "model.dim=64", "train.steps=450", "train.lr=2e-3",
+                                  "train.batch_size=16", "train.eval_interval=0", "train.checkpoint_interval=450",
                                   "retrieval.enabled=true", "retrieval.num_neighbours=2"])
     config.model.vocab_size = 256
     train(tmp_path / "run", store, config)
