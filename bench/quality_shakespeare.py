@@ -105,6 +105,8 @@ def train_reference(store: Path, seed: int = 1337) -> dict:
         y = torch.stack([torch.from_numpy(train_data[i + 1 : i + 1 + T].astype(np.int64)) for i in ix])
         loss = nanogpt_ref.train_step(model, optimizer, x, y, cfg.train.grad_clip)
         step_times.append(time.perf_counter() - ts)
+        if (step + 1) % 250 == 0:
+            print(f"  nanogpt-reference step {step + 1}: loss {loss:.4f}", flush=True)
     wall = time.perf_counter() - t0
 
     class Scored(torch.nn.Module):  # what score_tokens expects: .config.context and model(x) -> (logits, _)
@@ -137,18 +139,22 @@ def main() -> None:
     report.update({"goal_valid_loss": GOAL, "machine": machine(), "load_avg_start": os.getloadavg()})
     report.setdefault("runs", {})
     store = prepare(work)
-    if args.reference:
-        report["runs"]["nanogpt-reference"] = train_reference(store)
-        print(f"nanogpt-reference: valid loss {report['runs']['nanogpt-reference']['valid_loss']:.4f}", flush=True)
+
+    def save() -> None:  # after every run: a long benchmark that stops keeps what it finished
+        report["load_avg_end"] = os.getloadavg()
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out)
+
     for name in args.variants:
-        report["runs"][f"knnformer {name}"] = train_variant(name, store, work)
-        r = report["runs"][f"knnformer {name}"]
+        report["runs"][f"knnformer {name}"] = r = train_variant(name, store, work)
         print(f"knnformer {name}: valid loss {r['valid_loss']:.4f} in {r['train_wall_s']:.0f}s "
               f"({r['tokens_per_s_median']:,.0f} tok/s)", flush=True)
-    report["load_avg_end"] = os.getloadavg()
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+        save()
+    if args.reference:
+        report["runs"]["nanogpt-reference"] = r = train_reference(store)
+        print(f"nanogpt-reference: valid loss {r['valid_loss']:.4f} in {r['train_wall_s']:.0f}s", flush=True)
+        save()
     print(f"wrote {out}")
 
 
