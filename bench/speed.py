@@ -5,7 +5,8 @@ For each setting every variant trains on the same bytes (tiny shakespeare) in th
 every variant ``--steps-per-round`` consecutive steps, in a rotating order, so that load from other processes on
 a shared machine falls on all variants alike. Reported: the median step time as tokens/s, MFU against the
 measured fp32 and bf16 matmul peaks (``bench/matmul_peak.py``, measured before and after), and every variant's
-ratio to the nanoGPT reference. A variant that raises is recorded with its error and skipped.
+ratio to the nanoGPT reference. A variant that raises is recorded with its error and skipped. Re-running one
+setting (``--settings wide``) replaces only that setting's entry in the JSON.
 
     python bench/speed.py [--settings small wide] [--rounds 10] [--out bench/results/speed.json]
 """
@@ -228,31 +229,34 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = np.frombuffer(DATA.read_bytes(), dtype=np.uint8).astype(np.uint16)
-    report = {"command": "python " + " ".join(sys.argv), "machine": machine(), "git": git_state(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_start": os.getloadavg()}
-    before = measure_peaks(repeats=5)
-    print(f"matmul peak before: fp32 {before['float32']['median_gflops']:.0f}, "
-          f"bf16 {before['bfloat16']['median_gflops']:.0f} GFLOP/s", flush=True)
-    report["settings"] = {}
+    out = Path(args.out)
+    # settings not run now keep their earlier results: each setting carries its own peaks, load and commit
+    report = json.loads(out.read_text()) if out.exists() else {}
+    report["machine"] = machine()
+    report.setdefault("settings", {})
     for name in args.settings:
-        report["settings"][name] = run_setting(name, SETTINGS[name], data, args.rounds, args.only)
-    after = measure_peaks(repeats=5)
-    # MFU's denominator: the median of every peak repeat, before and after, per dtype
-    peaks = {k: statistics.median(before[k]["all_gflops"] + after[k]["all_gflops"]) for k in ("float32", "bfloat16")}
-    report["matmul_peak"] = {"before": before, "after": after, "used_gflops": peaks}
-    for name, setting in report["settings"].items():
-        for vname, r in setting["variants"].items():
+        info = {"command": "python " + " ".join(sys.argv), "git": git_state(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_start": os.getloadavg()}
+        before = measure_peaks(repeats=5)
+        result = run_setting(name, SETTINGS[name], data, args.rounds, args.only)
+        after = measure_peaks(repeats=5)
+        # MFU's denominator: the median of every peak repeat, before and after, per dtype
+        peaks = {k: statistics.median(before[k]["all_gflops"] + after[k]["all_gflops"]) for k in ("float32", "bfloat16")}
+        info["load_avg_end"] = os.getloadavg()
+        info["matmul_peak"] = {"before": before, "after": after, "used_gflops": peaks}
+        for vname, r in result["variants"].items():
             r["mfu_vs_fp32_peak"] = r["achieved_gflops"] / peaks["float32"]
             r["mfu_vs_bf16_peak"] = r["achieved_gflops"] / peaks["bfloat16"]
             print(f"{name:>6} {vname:<24} {r['tokens_per_s']:>9,.0f} tok/s  x{r['ratio_to_nanogpt']:.2f} nanoGPT  "
                   f"MFU {100 * r['mfu_vs_fp32_peak']:.1f}% fp32 / {100 * r['mfu_vs_bf16_peak']:.1f}% bf16 peak",
                   flush=True)
-    report["load_avg_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+        print(f"{name:>6} matmul peak fp32 {peaks['float32']:.0f}, bf16 {peaks['bfloat16']:.0f} GFLOP/s; load "
+              f"{info['load_avg_start'][0]:.1f} -> {info['load_avg_end'][0]:.1f}", flush=True)
+        report["settings"][name] = {**info, **result}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out)
     print(f"wrote {out}")
 
 
