@@ -64,6 +64,28 @@ def build_tokenizer(docs: list[Document], kind: str, vocab_size: int) -> Tokeniz
     raise ValueError(f"--tokenizer must be bytes or bpe, got {kind!r}")
 
 
+def encoding_batches(lengths: list[int], max_chars: int = 4 << 20, max_docs: int = 256) -> list[tuple[int, int]]:
+    """Consecutive [begin, end) ranges of documents to tokenize together: at most ``max_docs`` documents and
+    ``max_chars`` characters each (a longer document is a batch of its own). The tokenizer's per-token
+    intermediates are many times the text's size, so bounding a batch by characters bounds prepare's memory."""
+    batches, begin, chars = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > begin and (chars + n > max_chars or i - begin == max_docs):
+            batches.append((begin, i))
+            begin, chars = i, 0
+        chars += n
+    if begin < len(lengths):
+        batches.append((begin, len(lengths)))
+    return batches
+
+
+def _with_eot(ids: list[int], eot_id: int, dtype) -> np.ndarray:
+    out = np.empty(len(ids) + 1, dtype=dtype)
+    out[:-1] = ids
+    out[-1] = eot_id
+    return out
+
+
 def write_datastore(out: str | Path, docs: list[Document], tokenizer: Tokenizer, sources: list[str],
                     overwrite: bool = False, progress=None) -> Path:
     """Tokenize ``docs`` (already split) and write the datastore atomically. ``progress(n)`` gets document counts."""
@@ -79,15 +101,14 @@ def write_datastore(out: str | Path, docs: list[Document], tokenizer: Tokenizer,
         rows = np.zeros(len(docs), dtype=DOC_DTYPE)
         start = 0
         with open(tmp / "tokens.bin", "wb") as f:
-            batch = 256
-            for b in range(0, len(order), batch):
-                idx = order[b : b + batch]
+            for b, e in encoding_batches([len(docs[i].text) for i in order]):
+                idx = order[b:e]
                 texts = [docs[i].text for i in idx]
                 if isinstance(tokenizer, BPETokenizer):
-                    encoded = [np.asarray(ids + [tokenizer.eot_id], dtype=dtype) for ids in tokenizer.encode_batch(texts)]
+                    encoded = [_with_eot(ids, tokenizer.eot_id, dtype) for ids in tokenizer.encode_batch(texts)]
                 else:
                     encoded = [tokenizer.encode_array(t).astype(dtype) for t in texts]
-                for row, i, ids in zip(range(b, b + len(idx)), idx, encoded):
+                for row, i, ids in zip(range(b, e), idx, encoded):
                     ids.tofile(f)
                     rows[row] = (start, len(ids), len(docs[i].text.encode("utf-8")), SPLITS.index(docs[i].split))
                     start += len(ids)

