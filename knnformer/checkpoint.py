@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -67,7 +67,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, conf
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"step": step, **(state or {})}, tmp / "state.pt")
         files = sorted(p.name for p in tmp.iterdir())
-        (tmp / "checksums.json").write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=2))
+        (tmp / "checksums.json").write_text(json.dumps({name: file_sha256(tmp / name) for name in files}, indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -87,7 +87,7 @@ def verify_checkpoint(path: Path) -> None:
                          f"delete it to fall back to an older one") from None
     for name, digest in sums.items():
         file = path / name
-        if not file.is_file() or _sha256(file) != digest:
+        if not file.is_file() or file_sha256(file) != digest:
             raise ValueError(f"checkpoint {path} is corrupt or truncated ({name} does not match its checksum); "
                              f"delete it to fall back to an older one, or retrain")
 

@@ -29,7 +29,6 @@ when retrieval is on, the same neighbours ``evaluate`` gives it, so p_lm is the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from knnformer.checkpoint import file_sha256
 from knnformer.datastore import Datastore
 from knnformer.evaluate import NeighbourFn, load_run, open_run_datastore, run_neighbours, window_plan
 from knnformer.index import faiss_threads
@@ -164,14 +164,6 @@ class KnnStore:
         return cls(path, manifest, keys, values)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def store_identity(record: dict, ckpt_path: Path, store: Datastore, retrieval: dict | None,
                    dtype: str, context: int) -> dict[str, Any]:
     """What the keys depend on: the weights, the train tokens, the windows and, for a retrieval model, the
@@ -179,7 +171,7 @@ def store_identity(record: dict, ckpt_path: Path, store: Datastore, retrieval: d
     ckpt_path = Path(ckpt_path)
     sums_path = ckpt_path / "checksums.json"
     sums = json.loads(sums_path.read_text()) if sums_path.is_file() else {}
-    weights_sha = sums.get("model.safetensors") or _file_sha256(ckpt_path / "model.safetensors")
+    weights_sha = sums.get("model.safetensors") or file_sha256(ckpt_path / "model.safetensors")
     lo, hi = store.split_range("train")
     return {
         "format_version": FORMAT_VERSION,
@@ -545,7 +537,7 @@ def _retrieval_inputs(record: dict, store: Datastore, retrieval: str):
     neighbours = run_neighbours(record, store, required=True)
     k, continuation = rcfg["eval_neighbours"] or rcfg["num_neighbours"], rcfg["continuation"]
     identity = {"embedder": neighbours.info["embedder_fingerprint"], "chunk_size": neighbours.chunk_size, "k": k,
-                "continuation": continuation, "neighbours_sha256": _file_sha256(store.path / neighbours.info["file"])}
+                "continuation": continuation, "neighbours_sha256": file_sha256(store.path / neighbours.info["file"])}
 
     def for_split(split: str) -> NeighbourFn:
         def fn(begins: np.ndarray, length: int):
