@@ -32,6 +32,8 @@ CORPORA = {
 
 
 REUSE = False
+TOKENIZER = ("bytes", 0)
+SUBSET = 1
 
 
 def cpu_name() -> str:
@@ -43,19 +45,26 @@ def cpu_name() -> str:
 
 
 def prepare(corpus: str, work: Path):
+    """The corpus's datastore in ``work`` (reused when there). With SUBSET = N > 1 only the documents whose id
+    hashes to 0 mod N are kept (a seeded, reproducible 1/N of the corpus, for embedders too slow for all of it)."""
+    import hashlib
+
     from knnformer.corpus import apply_split_file, assign_splits, read_documents, read_split_file
     from knnformer.datastore import Datastore, build_tokenizer, write_datastore
 
     spec = CORPORA[corpus]
-    path = work / f"{corpus}-store"
+    kind, vocab = TOKENIZER
+    path = work / f"{corpus}-store" if (kind, SUBSET) == ("bytes", 1) else work / f"{corpus}-{kind}{vocab}-1of{SUBSET}-store"
     if not (path / "manifest.json").exists():
         docs, _ = read_documents([str(p) for p in spec["inputs"]], spec.get("glob", "**/*"))
+        if SUBSET > 1:
+            docs = [d for d in docs if int(hashlib.sha256(d.doc_id.encode()).hexdigest(), 16) % SUBSET == 0]
         if spec["split_file"]:
             docs = apply_split_file(docs, read_split_file(str(spec["split_file"])))
         else:
             single = len(docs) == 1
             docs = assign_splits(docs, 0.1 if single else 0.05, 0.0 if single else 0.05)
-        write_datastore(path, docs, build_tokenizer(docs, "bytes", 0), [str(p) for p in spec["inputs"]], True)
+        write_datastore(path, docs, build_tokenizer(docs, kind, vocab), [str(p) for p in spec["inputs"]], True)
     return Datastore.open(path)
 
 
@@ -123,9 +132,13 @@ def main() -> None:
     p.add_argument("--equal-time", action="store_true", help="also train dense for the retrieval run's wall time")
     p.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
     p.add_argument("--reuse", action="store_true", help="keep finished runs of the same steps in --work")
+    p.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bytes")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    p.add_argument("--subset", type=int, default=1, help="keep 1 in N documents (by a hash of the id)")
     args = p.parse_args()
-    global REUSE
-    REUSE = args.reuse
+    global REUSE, TOKENIZER, SUBSET
+    REUSE, SUBSET = args.reuse, args.subset
+    TOKENIZER = (args.tokenizer, args.vocab_size if args.tokenizer == "bpe" else 0)
     from knnformer.chunks import read_retrieval_manifest
     from knnformer.neighbours import index_datastore
 

@@ -200,6 +200,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML reads "layers=2" as a number
+            return str(value)
     else:  # pragma: no cover - schema error, not user error
         raise AssertionError(f"unsupported annotation {annotation} for {key}")
     raise ValueError(f"{key} must be of type {annotation.__name__}; got {value!r} ({type(value).__name__})")

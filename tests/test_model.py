@@ -79,6 +79,10 @@ def test_config_rejects_unknown_keys_and_wrong_types():
         load_config("tiny", ["train.stepz=7"])
     with pytest.raises(ValueError, match="train.steps must be of type int"):
         load_config("tiny", ["train.steps=many"])
+    # a text field given a number (YAML reads `layers=3` as an int) takes its text; a bool is still refused
+    assert load_config("tiny", ["retrieval.layers=1"]).retrieval.layers == "1"
+    with pytest.raises(ValueError, match="retrieval.layers must be of type str"):
+        load_config("tiny", ["retrieval.layers=true"])
     with pytest.raises(ValueError, match="train.dtype must be one of"):
         load_config("tiny", ["train.dtype=fp8"])
     with pytest.raises(ValueError, match="no config preset"):

@@ -341,6 +341,35 @@ def test_embeddings_are_reused_and_neighbours_deterministic(tmp_path):
     assert not list(store.path.glob(".*tmp*"))  # no temporary file left behind
 
 
+def test_run_embedder_is_the_runs_mean_pooled_hidden_state_and_follows_its_checkpoint(tmp_path):
+    import torch
+
+    from knnformer.config import load_config
+    from knnformer.trainer import train
+
+    store = _store(tmp_path, _multi_doc_corpus())
+    config = load_config("tiny", ["train.steps=3", "train.eval_interval=0", "train.checkpoint_interval=3"])
+    config.model.vocab_size = 256
+    train(tmp_path / "run", store, config)
+    emb = make_embedder(f"run:{tmp_path / 'run'}")
+    text = store.tokenizer.decode(store.tokens[5 * C : 6 * C])
+    with torch.inference_mode():
+        h = emb.model.hidden_states(torch.tensor([store.tokenizer.encode(text)]))[0].mean(0)
+    expected = (h / h.norm()).numpy()
+    # batched with texts of other lengths (padding at the end must not change a causal model's pooled state)
+    got = emb.embed(["x", text, text + " and more words after it", ""])
+    np.testing.assert_allclose(got[1], expected, atol=1e-5)
+    assert not got[3].any() and np.allclose(np.linalg.norm(got[:3], axis=1), 1, atol=1e-5)
+    index_datastore(store.path, f"run:{tmp_path / 'run'}", k=4, chunk_size=C, exclude_window=40)
+    info = json.loads((store.path / "manifest.json").read_text())["retrieval"]
+    assert info["index"]["embedder"] == f"run:{(tmp_path / 'run').resolve()}"
+    assert open_retriever(store.path).neighbours([text], 2).ids.shape == (1, 2)
+    config.train.steps = 6
+    config.train.checkpoint_interval = 6
+    train(tmp_path / "run", store, config, resume=True)
+    assert make_embedder(f"run:{tmp_path / 'run'}").fingerprint() != emb.fingerprint()  # new weights re-embed
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_mismatches_and_bad_input_are_errors_naming_the_fix(tmp_path):
@@ -358,7 +387,7 @@ def test_mismatches_and_bad_input_are_errors_naming_the_fix(tmp_path):
         load_neighbours(store.path).for_chunks([0], k=8)
     with pytest.raises(ValueError, match="--k"):
         index_datastore(store.path, "bytes-hash", k=100_000, chunk_size=C)
-    with pytest.raises(ValueError, match="not yet available"):
+    with pytest.raises(ValueError, match="no such run folder"):
         index_datastore(store.path, "run:somewhere", chunk_size=C)
     with pytest.raises(ValueError, match="unknown --embedder"):
         index_datastore(store.path, "word2vec", chunk_size=C)
