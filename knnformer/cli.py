@@ -118,6 +118,8 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
     def on_step(row):
         rates.append(row["tokens_per_s"])
         postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{sorted(rates[-50:])[len(rates[-50:]) // 2]:,.0f}"}
+        if row.get("redraw"):
+            bar.write(f"step {row['step']:>6}: drew new Performer random features")
         if "valid_loss" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid loss {row['valid_loss']:.4f}  "
                       f"valid bits/byte {row['valid_bpb']:.4f}")
