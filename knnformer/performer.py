@@ -81,8 +81,8 @@ def causal_linear_attention(qf: torch.Tensor, k_logits: torch.Tensor, v: torch.T
         state = FavorState.zeros(B, H, M, v.shape[-1], v.device)
     kv, k_sum, k_max = state.kv, state.k_sum, state.k_max
     outs = []
-    for s in range(0, T, chunk):
-        qc, lc, vc = qf[:, :, s : s + chunk], k_logits[:, :, s : s + chunk], v[:, :, s : s + chunk]
+    # split, not slicing in a loop: the backward of each slice would zero-fill a full (B, H, T, M) gradient
+    for qc, lc, vc in zip(qf.split(chunk, dim=2), k_logits.split(chunk, dim=2), v.split(chunk, dim=2)):
         new_max = torch.maximum(k_max, lc.detach().amax(dim=(-2, -1), keepdim=True))  # (B, H, 1, 1)
         rescale = torch.exp(k_max - new_max)  # 0 before the first key
         kv, k_sum, k_max = kv * rescale, k_sum * rescale[..., 0], new_max
