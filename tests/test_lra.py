@@ -70,3 +70,17 @@ def test_tiny_training_run_beats_the_majority_class(tmp_path):
     result = train_listops(config, tmp_path)
     assert result["test_accuracy"] > result["majority_class_test_accuracy"] + 0.1, result
     assert (tmp_path / "result-softmax.json").exists()
+
+
+def test_cli_runs_listops_and_refuses_unknown_keys(tmp_path, capsys):
+    from knnformer.cli import main
+
+    tiny = ["--set", "data.num_train=40", "--set", "data.num_valid=8", "--set", "data.num_test=8",
+            "--set", "data.min_length=4", "--set", "data.max_length=16", "--set", "data.max_depth=2",
+            "--set", "model.dim=16", "--set", "model.num_heads=2", "--set", "train.steps=3",
+            "--set", "train.eval_interval=0", "--set", "model.performer.num_features=8"]
+    assert main(["-q", "lra", "listops", "--attention", "performer", "--out", str(tmp_path), *tiny]) == 0
+    assert "performer attention: test accuracy" in capsys.readouterr().out
+    assert json.loads((tmp_path / "result-performer.json").read_text())["config"]["model"]["causal"] is False
+    assert main(["-q", "lra", "listops", "--out", str(tmp_path), "--set", "data.depth=3"]) == 2
+    assert "unknown config key 'data.depth'" in capsys.readouterr().err
