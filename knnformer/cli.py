@@ -118,6 +118,8 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
     def on_step(row):
         rates.append(row["tokens_per_s"])
         postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{sorted(rates[-50:])[len(rates[-50:]) // 2]:,.0f}"}
+        if row.get("redraw"):
+            bar.write(f"step {row['step']:>6}: drew new Performer random features")
         if "valid_loss" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid loss {row['valid_loss']:.4f}  "
                       f"valid bits/byte {row['valid_bpb']:.4f}")
@@ -268,6 +270,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- lra
+
+def cmd_lra(args) -> int:
+    from knnformer.lra import lra_config, train_listops
+
+    overrides = list(args.set or [])
+    if args.attention:
+        overrides.append(f"model.attention={args.attention}")
+    config = lra_config(args.preset, overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.quiet:
+        d = config.data
+        say(f"ListOps ({args.preset}): {d.num_train:,} / {d.num_valid:,} / {d.num_test:,} expressions of "
+            f"{d.min_length + 1} to {d.max_length - 1} tokens; {config.model.attention} attention, "
+            f"{config.model.num_layers} layers x {config.model.dim}, {config.train.steps} steps -> {out}")
+    bar = tqdm(total=config.train.steps, unit="step", desc="training", disable=args.quiet, dynamic_ncols=True)
+
+    def on_step(row):
+        if row.get("redraw"):
+            bar.write(f"step {row['step']:>6}: drew new Performer random features")
+        if "valid_accuracy" in row:
+            bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid accuracy {row['valid_accuracy']:.2%}")
+        bar.set_postfix({"loss": f"{row['loss']:.3f}"}, refresh=False)
+        bar.update(1)
+
+    try:
+        result = train_listops(config, out, on_step)
+    finally:
+        bar.close()
+    print(f"ListOps {args.preset}, {result['attention']} attention: test accuracy {result['test_accuracy']:.2%} "
+          f"(valid {result['valid_accuracy']:.2%}, majority class {result['majority_class_test_accuracy']:.2%}); "
+          f"training {result['train_seconds']:.0f} s, {result['ms_per_step']:.0f} ms/step, "
+          f"{result['train_tokens_per_s']:,.0f} tokens/s -> {out / ('result-' + result['attention'] + '.json')}")
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +378,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=2, help="neighbours to show for a plain LM (default 2)")
     s.add_argument("--json", action="store_true", help="print the text and its neighbours as one JSON object")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("lra", help="Long Range Arena tasks, generated offline: train and score a classifier")
+    s.add_argument("task", choices=["listops"])
+    s.add_argument("--preset", choices=["small", "published"], default="small",
+                   help="small: minutes on one CPU thread; published: LRA's size (96k expressions up to 2000 "
+                        "tokens, 6 x 512), for a GPU")
+    s.add_argument("--attention", choices=["softmax", "performer"], default=None,
+                   help="the blocks' attention (default: the preset's, softmax)")
+    s.add_argument("--out", default="lra-listops", help="folder for the generated data and the results")
+    s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a field of the data, model or train section")
+    s.set_defaults(func=cmd_lra)
 
     s = sub.add_parser("demo", help="prepare, train, evaluate and sample on Python's own standard library")
     s.add_argument("--out", default="knnformer-demo", help="folder for the demo's datastore and run")

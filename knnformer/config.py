@@ -19,6 +19,25 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
+class PerformerConfig:
+    """FAVOR+ attention (``model.attention: performer``); see performer.py."""
+
+    num_features: int = 256
+    """Random features per head (M); the approximation of softmax attention tightens as M grows."""
+    redraw_interval: int = 1000
+    """The trainer draws new random features every this many optimizer steps; 0 keeps the first draw."""
+    chunk_size: int = 128
+    """Tokens per chunk of the causal prefix sums: memory holds one (M, Dh) state per chunk, not per token."""
+
+    def validate(self) -> None:
+        for name in ("num_features", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.performer.{name} must be positive, got {getattr(self, name)}")
+        if self.redraw_interval < 0:
+            raise ValueError(f"model.performer.redraw_interval must be >= 0 (0 = never), got {self.redraw_interval}")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 0
     """Size of the token vocabulary; 0 means "take it from the datastore's tokenizer"."""
@@ -40,6 +59,13 @@ class ModelConfig:
     """Epsilon of RMSNorm."""
     init_std: float = 0.02
     """Standard deviation of the weight initialisation."""
+    attention: Literal["softmax", "performer"] = "softmax"
+    """``softmax``: exact attention (SDPA). ``performer``: FAVOR+ random-feature attention, linear in the length."""
+    performer: PerformerConfig = field(default_factory=PerformerConfig)
+    """Settings of ``attention: performer``; ignored by softmax attention."""
+    causal: bool = True
+    """Each position attends to itself and the positions before it (a decoder); False attends both ways (an
+    encoder, such as the Long Range Arena classifier), which cannot generate."""
 
     def resolved_ffn_hidden(self) -> int:
         if self.ffn_hidden > 0:
@@ -56,6 +82,7 @@ class ModelConfig:
             raise ValueError("model.dim / model.num_heads must be even for rotary positions")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        self.performer.validate()
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Sampling with temperature, top-k and top-p over a KV cache, streaming UTF-8 text as it is produced."""
+"""Sampling with temperature, top-k and top-p over a KV cache (softmax attention) or a constant-size running
+state (Performer attention), streaming UTF-8 text as it is produced."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
-from knnformer.model import KVCache, Transformer
+from knnformer.model import Transformer, empty_cache
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -31,7 +32,8 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, t
 def sample_ids(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                stop_id: int | None = None) -> Iterator[int]:
-    """Yield new token ids one by one. When the cache fills the context, it is rebuilt from the last half."""
+    """Yield new token ids one by one. When the cache fills the context, it is rebuilt from the last half (a
+    Performer's state does not grow, but its rotary positions end at the context too)."""
     context = model.config.context
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -48,7 +50,7 @@ def sample_ids(model: Transformer, prompt: list[int], max_new_tokens: int, tempe
     else:
         generator.seed()
     ids = list(prompt)
-    cache = KVCache.empty(model.config, 1, device, next(model.parameters()).dtype)
+    cache = empty_cache(model.config, 1, device, next(model.parameters()).dtype)
     logits, _ = model(torch.tensor([ids], device=device), cache=cache)
     for _ in range(max_new_tokens):
         last = logits[:, -1]
@@ -63,7 +65,7 @@ def sample_ids(model: Transformer, prompt: list[int], max_new_tokens: int, tempe
         ids.append(next_id)
         if cache.length >= context:
             keep = ids[-(context // 2):]
-            cache = KVCache.empty(model.config, 1, device, next(model.parameters()).dtype)
+            cache = empty_cache(model.config, 1, device, next(model.parameters()).dtype)
             logits, _ = model(torch.tensor([keep], device=device), cache=cache)
         else:
             logits, _ = model(torch.tensor([[next_id]], device=device), cache=cache)

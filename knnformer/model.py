@@ -1,5 +1,6 @@
 """The decoder: token embedding, blocks of (RMSNorm, causal self-attention with rotary positions, RMSNorm,
-SwiGLU), final RMSNorm and a head tied to the embedding.
+SwiGLU), final RMSNorm and a head tied to the embedding. Attention is exact softmax (SDPA) or Performer's FAVOR+
+(performer.py), picked by ``model.attention``; ``model.causal: false`` makes the blocks bidirectional (encoders).
 
 Shape legend:
     B  batch            T  sequence length (<= context)     V  vocabulary
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from knnformer.config import ModelConfig, RetrievalConfig
+from knnformer.performer import FavorAttention, PerformerCache
 
 
 class RMSNorm(nn.Module):
@@ -78,14 +80,29 @@ class KVCache:
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention of q, k, v (B, H, T, Dh). Under CPU bf16 autocast it runs in fp32: CPU flash attention's
-    backward is about 4x slower in bf16 than in fp32 (torch 2.4 - 2.13), and attention is a small share of the
-    FLOPs. q, k and v leave the rotary in fp32 already (bf16 qkv times fp32 tables), so this casts nothing."""
+def empty_cache(config: ModelConfig, batch: int, device, dtype) -> "KVCache | PerformerCache":
+    """The generation state of a decoder: a KV cache for softmax attention, running sums for a Performer."""
+    if not config.causal:
+        raise ValueError("a bidirectional model (model.causal: false) cannot generate")
+    if config.attention == "performer":
+        return PerformerCache.empty(config, batch, device, dtype)
+    return KVCache.empty(config, batch, device, dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, causal: bool = True,
+           key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention of q, k, v (B, H, T, Dh): causal, or bidirectional over the keys whose ``key_mask``
+    (B, T) is True. Under CPU bf16 autocast it runs in fp32: CPU flash attention's backward is about 4x slower in
+    bf16 than in fp32 (torch 2.4 - 2.13), and attention is a small share of the FLOPs. q, k and v leave the rotary
+    in fp32 already (bf16 qkv times fp32 tables), so this casts nothing."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
+    if causal and mask is not None:
+        raise ValueError("a key mask is for bidirectional attention (model.causal: false)")
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
+                                                  dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p)
 
 
 class SelfAttention(nn.Module):
@@ -95,13 +112,23 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
         self.dropout = config.dropout
+        self.causal = config.causal
+        self.favor = None
+        if config.attention == "performer":
+            self.favor = FavorAttention(config.dim // config.num_heads, config.performer)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | PerformerCache | None = None, layer: int = 0,
+                key_mask: torch.Tensor | None = None):
         B, T, D = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads)  # (B, T, 3, H, Dh)
         q, k, v = (t.transpose(1, 2) for t in rotate_qkv(qkv, cos, sin).unbind(2))  # (B, H, T, Dh) each
-        if cache is None:
-            y = attend(q, k, v, self.dropout if self.training else 0.0)
+        if self.favor is not None:
+            state = cache.states[layer] if cache is not None else None
+            y, state = self.favor(q, k, v, self.causal, state, key_mask)
+            if cache is not None:
+                cache.states[layer] = state
+        elif cache is None:
+            y = attend(q, k, v, self.dropout if self.training else 0.0, self.causal, key_mask)
         else:
             start = cache.length
             cache.keys[layer][:, :, start : start + T] = k
@@ -137,9 +164,17 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn = SwiGLU(config)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, key_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, key_mask)
         return x + self.ffn(self.ffn_norm(x))
+
+
+def init_weights(module: nn.Module, config: ModelConfig) -> None:
+    """Normal(0, init_std) matrices, the residual projections scaled down by depth as in GPT-2."""
+    for name, p in module.named_parameters():
+        if p.dim() == 2:
+            scale = math.sqrt(2 * config.num_layers) if name.endswith(("proj.weight", "down.weight")) else 1
+            nn.init.normal_(p, mean=0.0, std=config.init_std / scale)
 
 
 class Transformer(nn.Module):
@@ -163,17 +198,12 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                # residual projections scaled down by depth, as in GPT-2
-                scale = math.sqrt(2 * self.config.num_layers) if name.endswith(("proj.weight", "down.weight")) else 1
-                nn.init.normal_(p, mean=0.0, std=std / scale)
+        init_weights(self, self.config)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, neighbours: torch.Tensor | None = None,
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | PerformerCache | None = None, neighbours: torch.Tensor | None = None,
                       neighbour_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, D) of token ids (B, T). With ``neighbours`` (B, S, K, R) token ids
         and their ``neighbour_mask`` (B, S, K, R), the retrieval layers read them (see retro.py); without, the
@@ -198,7 +228,8 @@ class Transformer(nn.Module):
             cache.length += T
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | PerformerCache | None = None,
                 neighbours: torch.Tensor | None = None, neighbour_mask: torch.Tensor | None = None):
         """Logits (B, T, V); with ``targets`` (B, T) also the mean cross-entropy in nats."""
         h = self.hidden_states(idx, cache, neighbours, neighbour_mask)

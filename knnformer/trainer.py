@@ -19,10 +19,11 @@ import torch
 
 from knnformer.checkpoint import (atomic_write_text, latest_checkpoint, list_checkpoints, load_checkpoint,
                                   rng_state, save_checkpoint, set_rng_state)
-from knnformer.config import Config, TrainConfig
+from knnformer.config import Config, ModelConfig, TrainConfig
 from knnformer.datastore import Datastore
 from knnformer.batches import WindowSampler
 from knnformer.model import Transformer
+from knnformer.performer import redraw_features
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,21 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              **({"fused": True} if fused else {"foreach": True}))
+
+
+def redraw_due(step: int, config: ModelConfig) -> bool:
+    """Whether optimizer step ``step`` (0-based) starts with new Performer features (never at step 0, which
+    trains on the features drawn at initialisation)."""
+    interval = config.performer.redraw_interval
+    return config.attention == "performer" and interval > 0 and step > 0 and step % interval == 0
+
+
+def redraw_step(model: torch.nn.Module, step: int, seed: int) -> None:
+    """Draw new Performer features from a generator seeded by the run's seed and the step, so a resumed run draws
+    the same ones without keeping a generator state (the current features are saved with the weights)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    layers = redraw_features(model, generator)
+    logger.info("step %d: redrew the Performer random features of %d layers", step, layers)
 
 
 def sample_windows(data: np.ndarray, batch: int, context: int, generator: torch.Generator):
@@ -207,6 +223,9 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     with StopRequested() as stop, open(metrics_path, "a") as metrics:
         t_last = time.perf_counter()
         while step < cfg.steps:
+            redrew = redraw_due(step, mcfg)
+            if redrew:
+                redraw_step(model, step, cfg.seed)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -227,11 +246,13 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
             t_last = now
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
+            if redrew:
+                row["redraw"] = True
             if valid_sampler is not None and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps):
                 valid = estimate_loss(model, valid_sampler, token_bytes, cfg, device)
                 row.update(valid)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
-            if step % cfg.log_interval == 0 or "valid_loss" in row or step == cfg.steps:
+            if step % cfg.log_interval == 0 or "valid_loss" in row or "redraw" in row or step == cfg.steps:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             if on_step is not None:
