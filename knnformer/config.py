@@ -147,12 +147,15 @@ class RetrievalConfig:
     eval_neighbours: int = 0
     """Neighbours each chunk attends to at evaluation; 0 means ``num_neighbours``."""
     layers: str = "auto"
-    """Decoder layers (0-based, comma-separated) followed by chunked cross-attention; ``auto`` = every other
-    layer starting at layer 1."""
+    """Decoder layers (0-based, comma-separated) followed by chunked cross-attention; ``auto`` = RETRO's rule
+    scaled to the depth: every third layer from the middle one (layer 2 of 4, 3 of 6, 4 and 7 of 8, 6 and 9 of 12)."""
     encoder_layers: int = 1
     """Blocks of the bidirectional neighbour encoder."""
     encoder_dim: int = 0
     """Width of the neighbour encoder; 0 means half of ``model.dim``."""
+    encoder_heads: int = 0
+    """Attention heads of the neighbour encoder; 0 means heads of width 32 (at least one). Narrow heads are
+    slow on CPU: with 4 heads of 8 the encoder's attention backward cost more than its matmuls."""
     continuation: bool = True
     """Give each neighbour its continuation (the next chunk), as RETRO does: neighbours are 2C tokens long."""
     condition_encoder: bool = True
@@ -160,9 +163,14 @@ class RetrievalConfig:
     embedder: str = ""
     """The embedder the datastore's neighbours must come from; empty accepts the datastore's current index."""
 
+    def resolved_encoder(self, model: ModelConfig) -> tuple[int, int]:
+        """(width, heads) of the neighbour encoder."""
+        dim = self.encoder_dim or model.dim // 2
+        return dim, self.encoder_heads or max(1, dim // 32)
+
     def resolved_layers(self, num_layers: int) -> list[int]:
-        if self.layers == "auto":
-            return list(range(1, num_layers, 2)) or [0]
+        if self.layers == "auto":  # RETRO: 32 layers, CCA from layer 6 (1-based) every third
+            return list(range(num_layers // 2, num_layers, 3))
         try:
             layers = sorted({int(x) for x in self.layers.split(",") if x.strip()})
         except ValueError:
@@ -180,10 +188,10 @@ class RetrievalConfig:
             raise ValueError("retrieval.num_neighbours must be positive and retrieval.eval_neighbours >= 0")
         if self.encoder_layers <= 0:
             raise ValueError("retrieval.encoder_layers must be positive")
-        dim = self.encoder_dim or model.dim // 2
-        if dim % model.num_heads or (dim // model.num_heads) % 2:
-            raise ValueError(f"retrieval.encoder_dim ({dim}) must be divisible by model.num_heads "
-                             f"({model.num_heads}) into even head widths")
+        dim, heads = self.resolved_encoder(model)
+        if heads <= 0 or dim % heads or (dim // heads) % 2:
+            raise ValueError(f"retrieval.encoder_dim ({dim}) must be divisible by retrieval.encoder_heads "
+                             f"({heads}) into even head widths")
         self.resolved_layers(model.num_layers)
 
 

@@ -113,9 +113,9 @@ class Retrieval(nn.Module):
         self.chunk_size = config.chunk_size
         self.layers = config.resolved_layers(model.num_layers)
         self.condition = config.condition_encoder
-        enc_dim = config.encoder_dim or model.dim // 2
+        enc_dim, enc_heads = config.resolved_encoder(model)
         self.encoder_in = nn.Linear(model.dim, enc_dim, bias=False)  # from the shared token embeddings
-        self.encoder = nn.ModuleList(EncoderBlock(enc_dim, model.dim, model.num_heads, model.norm_eps,
+        self.encoder = nn.ModuleList(EncoderBlock(enc_dim, model.dim, enc_heads, model.norm_eps,
                                                   config.condition_encoder) for _ in range(config.encoder_layers))
         self.encoder_norm = RMSNorm(enc_dim, model.norm_eps)
         self.cca_norms = nn.ModuleDict({str(i): RMSNorm(model.dim, model.norm_eps) for i in self.layers})
@@ -126,7 +126,7 @@ class Retrieval(nn.Module):
                                                                            2 * config.chunk_size))
                                           for i in self.layers})
         # positions 0 .. 2C - 1 inside a neighbour (with its continuation), for the encoder and for CCA's keys
-        cos, sin = rotary_tables(2 * config.chunk_size, enc_dim // model.num_heads, model.rope_theta)
+        cos, sin = rotary_tables(2 * config.chunk_size, enc_dim // enc_heads, model.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         cos, sin = rotary_tables(2 * config.chunk_size, model.dim // model.num_heads, model.rope_theta)
