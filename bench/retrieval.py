@@ -46,7 +46,8 @@ def cpu_name() -> str:
 
 def prepare(corpus: str, work: Path):
     """The corpus's datastore in ``work`` (reused when there). With SUBSET = N > 1 only the documents whose id
-    hashes to 0 mod N are kept (a seeded, reproducible 1/N of the corpus, for embedders too slow for all of it)."""
+    hashes to 0 mod N are kept (a reproducible 1/N of the corpus, for embedders too slow for all of it); with a
+    published split, all of valid and test are kept and 1/N of train."""
     import hashlib
 
     from knnformer.corpus import apply_split_file, assign_splits, read_documents, read_split_file
@@ -57,11 +58,12 @@ def prepare(corpus: str, work: Path):
     path = work / f"{corpus}-store" if (kind, SUBSET) == ("bytes", 1) else work / f"{corpus}-{kind}{vocab}-1of{SUBSET}-store"
     if not (path / "manifest.json").exists():
         docs, _ = read_documents([str(p) for p in spec["inputs"]], spec.get("glob", "**/*"))
-        if SUBSET > 1:
-            docs = [d for d in docs if int(hashlib.sha256(d.doc_id.encode()).hexdigest(), 16) % SUBSET == 0]
-        if spec["split_file"]:
+        keep = lambda d: int(hashlib.sha256(d.doc_id.encode()).hexdigest(), 16) % SUBSET == 0  # noqa: E731
+        if spec["split_file"]:  # a published split: keep all of valid and test, 1/N of train
             docs = apply_split_file(docs, read_split_file(str(spec["split_file"])))
+            docs = [d for d in docs if d.split != "train" or keep(d)]
         else:
+            docs = [d for d in docs if keep(d)]
             single = len(docs) == 1
             docs = assign_splits(docs, 0.1 if single else 0.05, 0.0 if single else 0.05)
         write_datastore(path, docs, build_tokenizer(docs, kind, vocab), [str(p) for p in spec["inputs"]], True)
@@ -121,6 +123,45 @@ def retrieval_latency(store, run: Path, chunks: int = 20) -> float:
     return round(lat[len(lat) // 2], 3)
 
 
+def embedder_store(store, embedder: str):
+    """A copy of the datastore (hard links to its token files) holding one embedder's index, so embedders do
+    not overwrite each other's neighbours and a finished index is reused by a later run of this script."""
+    import os
+
+    from knnformer.datastore import Datastore
+
+    path = store.path.parent / f"{store.path.name.removesuffix('-store')}-{embedder}-store"
+    if not (path / "manifest.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        for name in ("tokens.bin", "docs.npy", "docs.json", "tokenizer.json"):
+            if not (path / name).exists():
+                os.link(store.path / name, path / name)
+        manifest = json.loads((store.path / "manifest.json").read_text())
+        manifest.pop("retrieval", None)
+        (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return Datastore.open(path)
+
+
+def evaluate_dense_filtered(run: Path, store, split: str) -> dict:
+    """The dense run scored on ``store``'s chunks, bucketed by that store's neighbours."""
+    from knnformer.evaluate import evaluate_run
+
+    r = evaluate_run(run, split, datastore=str(store.path))
+    return {"bits_per_byte": r["bits_per_byte"], "filtered": r.get("filtered")}
+
+
+def knn_lm(run: Path, splits: list[str]) -> dict:
+    from knnformer.knnlm import evaluate_knn_lm
+
+    out = {}
+    for split in splits:
+        r = evaluate_knn_lm(run, split, threads=1)
+        out[split] = {"bits_per_byte": r["bits_per_byte"], "loss": r["loss"], "lm_bits_per_byte": r["lm"]["bits_per_byte"],
+                      "lm_loss": r["lm"]["loss"], "scored": r["scored"], "tuned_on": r["tuned_on"], "lambda": r["lambda"],
+                      "k": r["k"], "temperature": r["temperature"], "seconds": r["seconds"]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--corpus", choices=sorted(CORPORA), default="shakespeare")
@@ -130,6 +171,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--work", default=str(ROOT / "bench" / "work"))
     p.add_argument("--equal-time", action="store_true", help="also train dense for the retrieval run's wall time")
+    p.add_argument("--knn-lm", action="store_true", help="also evaluate dense + kNN-LM")
     p.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
     p.add_argument("--reuse", action="store_true", help="keep finished runs of the same steps in --work")
     p.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bytes")
@@ -145,41 +187,62 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     spec = CORPORA[args.corpus]
-    store = prepare(args.corpus, work)
+    base_store = prepare(args.corpus, work)
+    tag = base_store.path.name.removesuffix("-store")
     base = [f"train.steps={args.steps}", f"train.checkpoint_interval={args.steps}"] + args.set
-    report = {"corpus": args.corpus, "preset": args.preset, "steps": args.steps, "chunk_size": args.chunk_size,
-              "machine": cpu_name(), "command": " ".join(sys.argv), "models": {}}
+    out = ROOT / "bench" / "results" / f"retrieval-{tag}.json"
+    report = {"corpus": args.corpus, "datastore": tag, "tokenizer": list(TOKENIZER), "subset": f"1/{SUBSET}",
+              "train_tokens": int(len(base_store.split_tokens("train"))), "preset": args.preset, "steps": args.steps,
+              "chunk_size": args.chunk_size, "machine": cpu_name(), "command": " ".join(sys.argv), "models": {}}
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+
     print(f"dense ({args.steps} steps)", flush=True)
-    dense = train_and_evaluate(store, work / f"{args.corpus}-dense", args.preset, base, spec["splits"])
+    dense_run = work / f"{tag}-dense"
+    dense = train_and_evaluate(base_store, dense_run, args.preset, base, spec["splits"])
     report["models"]["dense"] = dense
+    if args.knn_lm:
+        print("dense + kNN-LM", flush=True)
+        report["models"]["dense+knn-lm"] = knn_lm(dense_run, spec["splits"])
+    save()
+    equal_time_done: dict[int, dict] = {}
     for embedder in args.embedders:
+        store = embedder_store(base_store, embedder)
         print(f"index with {embedder}", flush=True)
         t0 = time.perf_counter()
-        index_datastore(store.path, embedder=embedder, chunk_size=args.chunk_size)
         info = read_retrieval_manifest(store.path)
+        done = info.get("neighbours", {})
+        if not (REUSE and done.get("embedder") == embedder and done.get("chunk_size") == args.chunk_size):
+            index_datastore(store.path, embedder=embedder, chunk_size=args.chunk_size)
+            info = read_retrieval_manifest(store.path)
         index_seconds = time.perf_counter() - t0
-        # the dense model on the chunks bucketed by this embedder's neighbours (RETRO reports both on the same)
-        report["models"][f"dense-filtered-by-{embedder}"] = evaluate_splits(work / f"{args.corpus}-dense",
-                                                                             spec["splits"])
         print(f"retrieval with {embedder}", flush=True)
-        run = work / f"{args.corpus}-retro-{embedder}"
+        run = work / f"{tag}-retro-{embedder}"
         result = train_and_evaluate(store, run, args.preset, base + ["retrieval.enabled=true"], spec["splits"])
         result["step_time_vs_dense"] = round(dense["tokens_per_s_median"] / result["tokens_per_s_median"], 3)
-        result["index"] = {"seconds_total": round(index_seconds, 1), **info["index"],
+        result["index"] = {"seconds_this_run": round(index_seconds, 1), **info["index"],
+                           "embedding_seconds": info.get("embeddings", {}).get("seconds"),
                            "neighbour_seconds": info["neighbours"]["seconds"]}
         result["retrieval_ms_per_chunk"] = retrieval_latency(store, run)
         report["models"][f"retro-{embedder}"] = result
+        # the dense model on the chunks bucketed by this embedder's neighbours (RETRO reports both on the same)
+        report["models"][f"dense-filtered-by-{embedder}"] = {
+            split: evaluate_dense_filtered(dense_run, store, split) for split in spec["splits"]}
+        save()
         if args.equal_time:
             steps = round(args.steps * result["train_seconds"] / dense["train_seconds"])
-            print(f"dense at equal wall-clock ({steps} steps)", flush=True)
-            report["models"][f"dense-equal-time-{embedder}"] = train_and_evaluate(
-                store, work / f"{args.corpus}-dense-eq", args.preset,
-                [f"train.steps={steps}", f"train.checkpoint_interval={steps}"] + args.set, spec["splits"])
-    out = ROOT / "bench" / "results" / f"retrieval-{args.corpus}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+            if steps not in equal_time_done:
+                print(f"dense at equal wall-clock ({steps} steps)", flush=True)
+                equal_time_done[steps] = train_and_evaluate(
+                    base_store, work / f"{tag}-dense-{steps}steps", args.preset,
+                    [f"train.steps={steps}", f"train.checkpoint_interval={steps}"] + args.set, spec["splits"])
+            report["models"][f"dense-equal-time-{embedder}"] = {"steps": steps, **equal_time_done[steps]}
+            save()
+    save()
     summary = {name: {s: (m[s]["bits_per_byte"], m[s].get("filtered", {}).get("0.125", {}).get("bits_per_byte"))
-                      for s in spec["splits"]} for name, m in report["models"].items()}
+                      for s in spec["splits"] if s in m} for name, m in report["models"].items()}
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
 

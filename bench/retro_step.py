@@ -1,0 +1,100 @@
+"""Training step time of a RETRO model over the dense model's, measured by interleaving their steps in one
+process (dense, retro, dense, retro, ...) so that load on a shared machine hits both alike.
+
+    python bench/retro_step.py --store bench/work/shakespeare-bm25-store --preset shakespeare-char
+
+Writes bench/results/retro-step-<store>.json: per variant and dtype the median step times (ms), the ratio of
+the medians and the median of per-pair ratios. Steps include sampling the batch and its neighbours (read from
+the datastore's precomputed neighbours.npy; no search), forward, backward and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "default (K=2, encoder D/2)": [],
+    "K=1, encoder D/4": ["retrieval.num_neighbours=1", "retrieval.encoder_dim={quarter}"],
+    "K=2, encoder D/4": ["retrieval.encoder_dim={quarter}"],
+}
+
+
+def measure(store, preset: str, sets: list[str], dtype: str, steps: int, warmup: int) -> dict:
+    from knnformer.batches import WindowSampler
+    from knnformer.config import load_config
+    from knnformer.model import Transformer
+    from knnformer.trainer import autocast, make_optimizer, resolve_retrieval
+
+    def setup(retrieval: bool):
+        cfg = load_config(preset, [f"train.dtype={dtype}"] + (["retrieval.enabled=true"] + sets if retrieval else []))
+        cfg.model.vocab_size = store.tokenizer.vocab_size
+        nb = resolve_retrieval(cfg, store)
+        model = Transformer(cfg.model, cfg.retrieval if retrieval else None)
+        sampler = WindowSampler(store.split_tokens("train"), cfg.model.context, nb, "train",
+                                cfg.retrieval.num_neighbours, cfg.retrieval.continuation)
+        return model, make_optimizer(model, cfg.train), sampler, cfg.train.batch_size
+
+    g = torch.Generator().manual_seed(0)
+    runs = [setup(False), setup(True)]
+    times: list[list[float]] = [[], []]
+    for i in range(warmup + steps):
+        for j, (model, opt, sampler, batch) in enumerate(runs):
+            t0 = time.perf_counter()
+            b = sampler.sample(batch, g)
+            with autocast(dtype, torch.device("cpu")):
+                _, loss = model(b.x, b.y, **(b.model_inputs() if j else {}))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[j].append(time.perf_counter() - t0)
+    dense, retro = statistics.median(times[0]), statistics.median(times[1])
+    return {"dense_ms": round(dense * 1e3, 2), "retro_ms": round(retro * 1e3, 2), "ratio": round(retro / dense, 3),
+            "median_pair_ratio": round(statistics.median(r / d for d, r in zip(*times)), 3),
+            "retro_params": sum(p.numel() for p in runs[1][0].parameters()),
+            "dense_params": sum(p.numel() for p in runs[0][0].parameters())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--store", required=True, help="a datastore with neighbours (knnformer index)")
+    p.add_argument("--preset", default="shakespeare-char")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "bench"))
+    from retrieval import cpu_name
+
+    from knnformer.config import load_config
+    from knnformer.datastore import Datastore
+
+    store = Datastore.open(args.store)
+    quarter = load_config(args.preset).model.dim // 4
+    report = {"store": str(store.path), "preset": args.preset, "threads": args.threads, "machine": cpu_name(),
+              "command": " ".join(sys.argv), "results": {}}
+    for name, sets in VARIANTS.items():
+        sets = [s.format(quarter=quarter) for s in sets]
+        for dtype in args.dtypes:
+            r = measure(store, args.preset, sets, dtype, args.steps, args.warmup)
+            report["results"][f"{name} {dtype}"] = {"sets": sets, **r}
+            print(f"{name:28s} {dtype:9s} dense {r['dense_ms']:7.1f} ms  retro {r['retro_ms']:7.1f} ms  "
+                  f"x{r['ratio']:.2f} (pairs x{r['median_pair_ratio']:.2f})", flush=True)
+    out = ROOT / "bench" / "results" / f"retro-step-{store.path.name.removesuffix('-store')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
