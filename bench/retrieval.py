@@ -171,6 +171,10 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--work", default=str(ROOT / "bench" / "work"))
     p.add_argument("--equal-time", action="store_true", help="also train dense for the retrieval run's wall time")
+    p.add_argument("--step-ratio", type=float, default=0.0,
+                   help="RETRO step time over dense step time for --equal-time, as bench/retro_step.py measures it "
+                        "by interleaving (0: the ratio of this script's two training wall times, which load on a "
+                        "shared machine skews when the runs are minutes or sessions apart)")
     p.add_argument("--knn-lm", action="store_true", help="also evaluate dense + kNN-LM")
     p.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
     p.add_argument("--reuse", action="store_true", help="keep finished runs of the same steps in --work")
@@ -232,13 +236,16 @@ def main() -> None:
             split: evaluate_dense_filtered(dense_run, store, split) for split in spec["splits"]}
         save()
         if args.equal_time:
-            steps = round(args.steps * result["train_seconds"] / dense["train_seconds"])
+            ratio = args.step_ratio or result["train_seconds"] / dense["train_seconds"]
+            steps = round(args.steps * ratio)
             if steps not in equal_time_done:
                 print(f"dense at equal wall-clock ({steps} steps)", flush=True)
                 equal_time_done[steps] = train_and_evaluate(
                     base_store, work / f"{tag}-dense-{steps}steps", args.preset,
                     [f"train.steps={steps}", f"train.checkpoint_interval={steps}"] + args.set, spec["splits"])
-            report["models"][f"dense-equal-time-{embedder}"] = {"steps": steps, **equal_time_done[steps]}
+            report["models"][f"dense-equal-time-{embedder}"] = {"steps": steps, "step_ratio": round(ratio, 3),
+                                                                 "step_ratio_from": "--step-ratio" if args.step_ratio
+                                                                 else "training wall times", **equal_time_done[steps]}
             save()
     save()
     summary = {name: {s: (m[s]["bits_per_byte"], m[s].get("filtered", {}).get("0.125", {}).get("bits_per_byte"))
