@@ -120,6 +120,10 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
         postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{sorted(rates[-50:])[len(rates[-50:]) // 2]:,.0f}"}
         if row.get("redraw"):
             bar.write(f"step {row['step']:>6}: drew new Performer random features")
+        if "refresh" in row:
+            bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: re-embedded and re-indexed in "
+                      f"{row['refresh_seconds']:.1f} s (training paused), {row['refresh_changed']:.1%} of chunks "
+                      f"got new neighbours, index recall@10 {row['refresh_recall']:.3f}")
         if "valid_loss" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid loss {row['valid_loss']:.4f}  "
                       f"valid bits/byte {row['valid_bpb']:.4f}")
@@ -291,6 +295,10 @@ def cmd_lra(args) -> int:
     def on_step(row):
         if row.get("redraw"):
             bar.write(f"step {row['step']:>6}: drew new Performer random features")
+        if "refresh" in row:
+            bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: re-embedded and re-indexed in "
+                      f"{row['refresh_seconds']:.1f} s (training paused), {row['refresh_changed']:.1%} of chunks "
+                      f"got new neighbours, index recall@10 {row['refresh_recall']:.3f}")
         if "valid_accuracy" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid accuracy {row['valid_accuracy']:.2%}")
         bar.set_postfix({"loss": f"{row['loss']:.3f}"}, refresh=False)
