@@ -241,13 +241,14 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     neighbours = run_neighbours(record, store, required=use_retrieval, run_dir=run_dir)
     k = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else min(2, neighbours.k if neighbours else 2)
     continuation = rcfg["continuation"]
+    past = rcfg["enabled"] and "past" in rcfg.get("sources", "train")
     if use_retrieval and stride % neighbours.chunk_size:
         raise ValueError(f"--stride must be a multiple of the chunk size {neighbours.chunk_size} with retrieval on")
     dtype = record["config"]["train"]["dtype"]
     token_bytes = store.tokenizer.token_bytes
 
     def nb_fn(begins, length):
-        nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation)
+        nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation, past)
         return nb, mask
 
     passes = [("on", nb_fn), ("off", None)] if use_retrieval else [("off", None)]

@@ -52,6 +52,8 @@ DEFAULT_EMBEDDER = "bm25"
 """Cheapest embedder with real retrieval quality on this CPU (see the module docstring of ``embedders``)."""
 DEFAULT_EXCLUDE_WINDOW = 2048
 NEIGHBOURS_FILE, SCORES_FILE = "neighbours.npy", "neighbour_scores.npy"
+MAX_PAST_CHUNKS = 4096
+"""``retrieval.sources=past`` searches at most this many of a document's chunks before the window (the latest)."""
 DENSE_INDEX_FILE, BM25_INDEX_DIR = "index.faiss", "index.bm25"
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -343,17 +345,61 @@ class Neighbours:
         tokens, mask = neighbour_tokens(self.store, self.layout, nid, pad_id)
         return NeighbourBatch(tokens, mask, nid, score)
 
+    def with_past(self, chunk_ids: np.ndarray, window_first: np.ndarray, k: int | None = None,
+                  pad_id: int = 0) -> NeighbourBatch:
+        """``for_chunks(chunk_ids, k)`` (B, S) merged by score with the query chunk's own past: the chunks of its
+        document that lie before both the window (its first chunk id ``window_first`` (B,)) and the query
+        chunk itself, searched exactly with ``vectors`` (the last ``MAX_PAST_CHUNKS`` of them). A past neighbour's
+        continuation is handed over only when it too lies before both, so no neighbour ever holds the query
+        chunk, the window or anything after them. Past chunks of valid or test are that split's own text that
+        the model has already read, not leakage."""
+        k = self.k if k is None else k
+        if self.vectors is None:
+            raise ValueError(f"retrieval.sources=train,past searches a document's past by its chunks' vectors, and "
+                             f"the neighbours of {self.store.path} have none (bm25); index with a dense embedder "
+                             f"(`knnformer index {self.store.path} --embedder minilm`) or use a learned retriever")
+        train = self.for_chunks(chunk_ids, k, pad_id)
+        q = np.asarray(chunk_ids, dtype=np.int64)
+        B, S = q.shape
+        pid, pcont = np.full((B, S, k), -1, np.int64), np.full((B, S, k), -1, np.int64)
+        pscore = np.full((B, S, k), -np.inf, np.float32)
+        layout = self.layout
+        for b, s in zip(*np.nonzero(q >= 0)):
+            limit = min(int(window_first[b]), int(q[b, s]))
+            first = max(int(layout.chunk_of(layout.doc_starts[layout.doc_first[q[b, s]]])), limit - MAX_PAST_CHUNKS)
+            if limit <= first:
+                continue
+            cand = np.arange(first, limit)
+            scores = np.asarray(self.vectors[cand], np.float32) @ np.asarray(self.vectors[q[b, s]], np.float32)
+            top = np.argsort(-scores, kind="stable")[:k]
+            nxt = cand[top] + 1
+            starts_doc = layout.doc_starts[layout.doc_first[np.minimum(nxt, layout.num_chunks - 1)]] == layout.starts[
+                np.minimum(nxt, layout.num_chunks - 1)]
+            pid[b, s, : len(top)], pscore[b, s, : len(top)] = cand[top], scores[top]
+            pcont[b, s, : len(top)] = np.where((nxt < limit) & ~starts_doc, nxt, -1)
+        tscore = np.where(train.ids >= 0, train.scores, -np.inf)
+        tcont = np.where(train.ids >= 0, layout.continuations(np.maximum(train.ids, 0)), -1)
+        ids, scores = np.concatenate([train.ids, pid], -1), np.concatenate([tscore, pscore], -1)
+        order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]  # nearest first; a tie keeps train first
+        ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
+        cont = np.take_along_axis(np.concatenate([tcont, pcont], -1), order, -1)
+        ids = np.where(np.isfinite(scores), ids, -1)
+        tokens, mask = neighbour_tokens(self.store, layout, ids, pad_id, cont)
+        return NeighbourBatch(tokens, mask, ids, np.where(ids >= 0, scores, 0).astype(np.float32))
+
     def for_windows(self, split: str, starts, length: int, k: int | None = None, previous: bool = False,
                     pad_id: int = 0) -> NeighbourBatch:
         """``for_chunks(window_chunk_ids(split, starts, length, previous), k)``: shapes (B, U, k, 2C)."""
         return self.for_chunks(self.window_chunk_ids(split, starts, length, previous), k, pad_id)
 
 
-def neighbour_tokens(store: Datastore, layout: ChunkLayout, nid: np.ndarray, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of train chunks ``nid`` (any shape, -1 = none) and of their continuations: (*S, 2C) and a mask."""
+def neighbour_tokens(store: Datastore, layout: ChunkLayout, nid: np.ndarray, pad_id: int = 0,
+                     cont: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of chunks ``nid`` (any shape, -1 = none) and of their continuations ``cont`` (default: each train
+    chunk's, ``ChunkLayout.continuations``; -1 = none): (*S, 2C) and a mask."""
     C = layout.chunk_size
     n = np.maximum(nid, 0)
-    cont = np.where(nid >= 0, layout.continuations(n), -1)
+    cont = np.where(nid >= 0, layout.continuations(n) if cont is None else cont, -1)
     ar = np.arange(C)
     pos = np.concatenate([layout.starts[n][..., None] + ar, layout.starts[np.maximum(cont, 0)][..., None] + ar], -1)
     mask = np.concatenate([(nid[..., None] >= 0) & (pos[..., :C] < layout.ends[n][..., None]),

@@ -176,13 +176,14 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     train_data = datastore.require_split("train", mcfg.context + 2)
     neighbours = resolve_retrieval(config, datastore)
     rcfg = config.retrieval
+    past = rcfg.enabled and "past" in rcfg.resolved_sources()
     train_sampler = WindowSampler(train_data, mcfg.context, neighbours, "train", rcfg.num_neighbours,
-                                  rcfg.continuation)
+                                  rcfg.continuation, past)
     valid_data = datastore.split_tokens("valid")
     valid_sampler = None
     if len(valid_data) >= mcfg.context + 2:
         valid_sampler = WindowSampler(valid_data, mcfg.context, neighbours, "valid",
-                                      rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation)
+                                      rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation, past)
     elif cfg.eval_interval:
         logger.warning("valid split has %d tokens, too few for a window of %d: periodic evaluation is off",
                        len(valid_data), mcfg.context + 1)
