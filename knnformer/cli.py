@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     from knnformer.cli_index import add_index_parser
 
     add_index_parser(sub)
+    from knnformer.cli_inspect import add_inspect_parser
+
+    add_inspect_parser(sub)
 
     s = sub.add_parser("train", help="train a model on a datastore")
     s.add_argument("datastore")

@@ -129,3 +129,24 @@ def test_resume_after_a_refresh_reproduces_losses(tmp_path):
     assert record["refresh"] == {"id": 3, "step": 6, "folder": "refresh/refresh-0003"}
     result = evaluate_run(tmp_path / "full", "valid")
     assert result["neighbours"]["embedder"] == "learned"
+
+
+def test_inspect_shows_a_chunk_with_its_neighbours_before_and_after_refreshes(tmp_path, capsys):
+    from knnformer.cli import main
+
+    store = line_store(tmp_path)
+    config = learned_config("train.steps=2", "train.checkpoint_interval=2", "train.eval_interval=0",
+                            "retrieval.retriever_init=scratch")
+    train(tmp_path / "run", store, config)
+    assert main(["-q", "inspect", str(tmp_path / "run"), "--chunk", "3", "--split", "valid", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    nb = load_refresh(tmp_path / "run" / "refresh" / "refresh-0001", store, load_neighbours(store).layout)
+    cid = nb.layout.split_chunks["valid"][0] + 3
+    assert out["chunk_id"] == cid and out["refresh"] == 1 and out["embedder"] == "learned"
+    assert [r["chunk_id"] for r in out["current"]] == [int(i) for i in nb.ids[cid]]
+    assert [r["chunk_id"] for r in out["initial"]] == [int(i) for i in load_neighbours(store).ids[cid]]
+    assert out["initial_embedder"] == "bytes-hash" and all(r["split"] == "train" for r in out["current"])
+    assert main(["-q", "inspect", str(tmp_path / "run"), "--chunk", "3"]) == 0
+    assert "neighbours before training (bytes-hash)" in capsys.readouterr().out
+    assert main(["-q", "inspect", str(tmp_path / "run"), "--chunk", "100000"]) == 2
+    assert "out of range" in capsys.readouterr().err
