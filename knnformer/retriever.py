@@ -70,7 +70,7 @@ class LearnedRetriever(nn.Module):
         z = z.view(B, S, K, -1)  # (B, S, K, Dr)
         q = self.embed(decoder, idx[:, : (S - 1) * C].reshape(-1, C), torch.ones(B * (S - 1), C, dtype=torch.bool,
                                                                                  device=idx.device))
-        q = torch.cat([q.new_zeros(B, 1, q.shape[-1]), q.view(B, S - 1, -1)], dim=1)  # (B, S, Dr)
+        q = torch.cat([z.new_zeros(B, 1, z.shape[-1]), q.view(B, S - 1, z.shape[-1])], dim=1)  # (B, S, Dr)
         return torch.einsum("bsd,bskd->bsk", q, z)
 
     def bias(self, relevance: torch.Tensor, R: int) -> torch.Tensor:

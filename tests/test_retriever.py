@@ -90,3 +90,12 @@ def test_causality_with_a_learned_retriever():
         nb2[:, t // C + 1] = torch.randint(0, 256, nb2[:, t // C + 1].shape)
         out, _ = model(y, neighbours=nb2, neighbour_mask=mask)
         assert torch.allclose(out[:, :t], base[:, :t], atol=1e-6), t
+
+
+def test_a_window_shorter_than_a_chunk_reads_only_slot_0():
+    """Generation starts with fewer than C tokens: one slot, whose query lies before the text (bias 0)."""
+    model = retro_model(retriever="learned")
+    x = torch.randint(0, 256, (1, 5))
+    nb, mask = random_neighbours(1, 5)
+    assert model.retrieval.retriever.relevance(model, x, nb, mask).abs().sum() == 0
+    assert torch.isfinite(model(x, neighbours=nb, neighbour_mask=mask)[0]).all()
