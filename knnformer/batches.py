@@ -38,13 +38,18 @@ def window_rows(data: np.ndarray, starts: np.ndarray, length: int) -> torch.Tens
 
 
 def neighbour_inputs(neighbours: Neighbours, split: str, starts: np.ndarray, length: int, k: int,
-                     continuation: bool = True) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+                     continuation: bool = True, past: bool = False) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Neighbour tokens (B, S, K, R), mask and chunk ids (B, S, K) for windows of ``length`` tokens of ``split``
-    starting at split-relative ``starts`` (multiples of the chunk size). S = length // C + 1."""
+    starting at split-relative ``starts`` (multiples of the chunk size). S = length // C + 1. With ``past``, each
+    slot's neighbours also draw on its document's chunks before the window (``Neighbours.with_past``)."""
     C = neighbours.chunk_size
     lo, _ = neighbours.store.split_range(split)
     ids = neighbours.window_chunk_ids(split, lo + np.asarray(starts, dtype=np.int64), length + C, previous=True)
-    nb = neighbours.for_chunks(ids[:, : length // C + 1], k)
+    if past:
+        first = neighbours.layout.split_chunks[split][0] + np.asarray(starts, dtype=np.int64) // C
+        nb = neighbours.with_past(ids[:, : length // C + 1], first, k)
+    else:
+        nb = neighbours.for_chunks(ids[:, : length // C + 1], k)
     tokens, mask = nb.tokens, nb.mask
     if not continuation:
         tokens, mask = tokens[..., :C], mask[..., :C]
@@ -55,9 +60,9 @@ class WindowSampler:
     """Random training windows of a split, seeded by ``generator``; chunk-aligned when retrieving."""
 
     def __init__(self, data: np.ndarray, context: int, neighbours: Neighbours | None = None, split: str = "train",
-                 k: int = 2, continuation: bool = True):
+                 k: int = 2, continuation: bool = True, past: bool = False):
         self.data, self.context, self.neighbours = data, context, neighbours
-        self.split, self.k, self.continuation = split, k, continuation
+        self.split, self.k, self.continuation, self.past = split, k, continuation, past
         if len(data) < context + 2:
             raise ValueError(f"the {split} split has {len(data)} tokens, fewer than one window of {context + 1}")
 
@@ -70,5 +75,6 @@ class WindowSampler:
         C = self.neighbours.chunk_size
         starts = C * torch.randint((len(self.data) - T - 1) // C + 1, (batch,), generator=generator).numpy()
         rows = window_rows(self.data, starts, T)
-        tokens, mask, ids = neighbour_inputs(self.neighbours, self.split, starts, T, self.k, self.continuation)
+        tokens, mask, ids = neighbour_inputs(self.neighbours, self.split, starts, T, self.k, self.continuation,
+                                             self.past)
         return Batch(rows[:, :-1], rows[:, 1:], tokens, mask, ids)

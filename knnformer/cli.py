@@ -120,6 +120,10 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
         postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{sorted(rates[-50:])[len(rates[-50:]) // 2]:,.0f}"}
         if row.get("redraw"):
             bar.write(f"step {row['step']:>6}: drew new Performer random features")
+        if "refresh" in row:
+            bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: re-embedded and re-indexed in "
+                      f"{row['refresh_seconds']:.1f} s (training paused), {row['refresh_changed']:.1%} of chunks "
+                      f"got new neighbours, index recall@10 {row['refresh_recall']:.3f}")
         if "valid_loss" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid loss {row['valid_loss']:.4f}  "
                       f"valid bits/byte {row['valid_bpb']:.4f}")
@@ -291,6 +295,10 @@ def cmd_lra(args) -> int:
     def on_step(row):
         if row.get("redraw"):
             bar.write(f"step {row['step']:>6}: drew new Performer random features")
+        if "refresh" in row:
+            bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: re-embedded and re-indexed in "
+                      f"{row['refresh_seconds']:.1f} s (training paused), {row['refresh_changed']:.1%} of chunks "
+                      f"got new neighbours, index recall@10 {row['refresh_recall']:.3f}")
         if "valid_accuracy" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid accuracy {row['valid_accuracy']:.2%}")
         bar.set_postfix({"loss": f"{row['loss']:.3f}"}, refresh=False)
@@ -338,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     from knnformer.cli_index import add_index_parser
 
     add_index_parser(sub)
+    from knnformer.cli_inspect import add_inspect_parser
+
+    add_inspect_parser(sub)
 
     s = sub.add_parser("train", help="train a model on a datastore")
     s.add_argument("datastore")

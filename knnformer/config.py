@@ -162,6 +162,43 @@ class RetrievalConfig:
     """Let the neighbour encoder cross-attend to the decoder's states of the chunk that retrieved them (RETRO)."""
     embedder: str = ""
     """The embedder the datastore's neighbours must come from; empty accepts the datastore's current index."""
+    retriever: Literal["frozen", "learned"] = "frozen"
+    """``frozen``: neighbours and their order come from the datastore's embedder and nothing in the model scores
+    them. ``learned``: the model embeds each query chunk and each neighbour itself (retriever.py) and adds MARGE's
+    relevance bias ``beta * cos(q_u, z_j)`` to the cross-attention logits of neighbour j, so the language-modelling
+    loss trains the retriever; ``refresh`` re-embeds the corpus with it."""
+    retriever_init: Literal["frozen", "scratch"] = "frozen"
+    """Where a learned retriever's neighbours start: ``frozen`` trains on the datastore's neighbours (its frozen
+    embedder's) until the first scheduled refresh after step 0; ``scratch`` refreshes at step 0, so every
+    neighbour comes from the learned retriever."""
+    retriever_layer: int = 0
+    """A learned retriever reads decoder blocks 0 .. this one, run on the chunk's tokens alone, mean-pooled. 0 (one
+    block) keeps its cost per neighbour chunk at 1/num_layers of a decoder pass; the layer of the first
+    chunked cross-attention reads what the model itself reads there, at a higher cost."""
+    retriever_dim: int = 0
+    """Width of the learned retriever's unit vectors; 0 means ``model.dim`` with the projection initialised to the
+    identity (the run's own mean-pooled chunk state, as ``--embedder run:RUN``)."""
+    relevance_beta: float = 1.0
+    """Initial value of the learned scalar beta of the relevance bias (0 switches the bias, and with it the
+    retriever's gradient, off at the start)."""
+    refresh: str = ""
+    """When a learned retriever re-embeds every chunk and rebuilds the index and neighbours, as ``start-end:every``
+    ranges of optimizer steps, e.g. ``"0-1000:250,1000-:1000"`` (every 250 steps until 1000, then every 1000);
+    empty never refreshes. See ``refresh.parse_schedule``."""
+    refresh_index: str = "auto"
+    """Index kind a refresh builds (auto, flat, hnsw or ivfpq; auto as in ``knnformer index``)."""
+    refresh_recall_floor: float = 0.9
+    """A refreshed approximate index whose recall@10 against exact search falls below this is replaced by an
+    exact (flat) one."""
+    sources: str = "train"
+    """Where neighbours come from: ``train`` (the train chunks' index), or ``train,past``: also the chunks of the
+    query's own document that end before the window (exact search by the same embeddings), merged by score."""
+
+    def resolved_sources(self) -> set[str]:
+        names = {s.strip() for s in self.sources.split(",") if s.strip()}
+        if not names or "train" not in names or names - {"train", "past"}:
+            raise ValueError(f"retrieval.sources must be 'train' or 'train,past', got {self.sources!r}")
+        return names
 
     def resolved_encoder(self, model: ModelConfig) -> tuple[int, int]:
         """(width, heads) of the neighbour encoder."""
@@ -193,6 +230,21 @@ class RetrievalConfig:
             raise ValueError(f"retrieval.encoder_dim ({dim}) must be divisible by retrieval.encoder_heads "
                              f"({heads}) into even head widths")
         self.resolved_layers(model.num_layers)
+        self.resolved_sources()
+        if not 0 <= self.retriever_layer < model.num_layers:
+            raise ValueError(f"retrieval.retriever_layer must name a decoder block 0..{model.num_layers - 1}, "
+                             f"got {self.retriever_layer}")
+        if self.retriever_dim < 0:
+            raise ValueError(f"retrieval.retriever_dim must be >= 0 (0 = model.dim), got {self.retriever_dim}")
+        if not 0.0 <= self.refresh_recall_floor <= 1.0:
+            raise ValueError(f"retrieval.refresh_recall_floor must be in [0, 1], got {self.refresh_recall_floor}")
+        if self.refresh or self.retriever_init == "scratch":
+            if self.retriever != "learned":
+                raise ValueError("retrieval.refresh and retrieval.retriever_init=scratch need "
+                                 "retrieval.retriever=learned (a frozen retriever's neighbours never change)")
+            from knnformer.refresh import parse_schedule
+
+            parse_schedule(self.refresh)
 
 
 @dataclass

@@ -192,12 +192,19 @@ def open_run_datastore(record: dict[str, Any], override: str | None = None) -> D
     return datastore
 
 
-def run_neighbours(record: dict[str, Any], store: Datastore, required: bool):
-    """The datastore's neighbours as the run was trained with them; for a plain LM, whatever neighbours the
-    datastore has (for the overlap-filtered figures), or None."""
+def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run_dir: str | Path | None = None):
+    """The datastore's neighbours as the run was trained with them (for a learned retriever, those of the run's
+    last refresh, in ``run_dir``); for a plain LM, whatever neighbours the datastore has (for the
+    overlap-filtered figures), or None."""
     from knnformer.neighbours import load_neighbours
 
     rcfg = record["config"]["retrieval"]
+    refresh = record.get("refresh") or {}
+    if rcfg["enabled"] and refresh.get("id") and run_dir is not None:
+        from knnformer.chunks import chunk_layout
+        from knnformer.refresh import load_refresh
+
+        return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]))
     if rcfg["enabled"]:
         try:
             return load_neighbours(store, rcfg["embedder"] or None, rcfg["chunk_size"])
@@ -231,16 +238,17 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     context = model.config.context
     tokens = store.require_split(split, 2)
     stride = stride or context
-    neighbours = run_neighbours(record, store, required=use_retrieval)
+    neighbours = run_neighbours(record, store, required=use_retrieval, run_dir=run_dir)
     k = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else min(2, neighbours.k if neighbours else 2)
     continuation = rcfg["continuation"]
+    past = rcfg["enabled"] and "past" in rcfg.get("sources", "train")
     if use_retrieval and stride % neighbours.chunk_size:
         raise ValueError(f"--stride must be a multiple of the chunk size {neighbours.chunk_size} with retrieval on")
     dtype = record["config"]["train"]["dtype"]
     token_bytes = store.tokenizer.token_bytes
 
     def nb_fn(begins, length):
-        nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation)
+        nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation, past)
         return nb, mask
 
     passes = [("on", nb_fn), ("off", None)] if use_retrieval else [("off", None)]

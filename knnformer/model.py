@@ -199,6 +199,8 @@ class Transformer(nn.Module):
 
     def reset_parameters(self) -> None:
         init_weights(self, self.config)
+        if self.retrieval is not None and self.retrieval.retriever is not None:
+            self.retrieval.retriever.reset_parameters()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -217,13 +219,15 @@ class Transformer(nn.Module):
         retrieve = neighbours is not None and self.retrieval is not None
         if retrieve and cache is not None:
             raise ValueError("retrieval runs without a KV cache")
-        encoded = None
+        encoded = relevance = None
+        if retrieve and self.retrieval.retriever is not None:  # a learned retriever scores the neighbours
+            relevance = self.retrieval.retriever.relevance(self, idx, neighbours, neighbour_mask)  # (B, S, K)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
             if retrieve and i in self.retrieval.layers:
                 if encoded is None:
                     encoded = self.retrieval.encode(self.embed(neighbours), neighbour_mask, x)
-                x = self.retrieval.cross_attend(i, x, encoded, neighbour_mask)
+                x = self.retrieval.cross_attend(i, x, encoded, neighbour_mask, relevance)
         if cache is not None:
             cache.length += T
         return self.norm(x)

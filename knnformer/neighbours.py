@@ -41,7 +41,7 @@ import numpy as np
 from knnformer.chunks import (DEFAULT_CHUNK_SIZE, ChunkLayout, chunk_layout, chunk_texts, read_retrieval_manifest,
                               tmp_path, update_retrieval_manifest)
 from knnformer.datastore import Datastore
-from knnformer.embedders import chunks_to_embeddings, make_embedder
+from knnformer.embedders import chunks_to_embeddings, make_embedder, open_embeddings
 from knnformer.index import (DEFAULT_MEMORY_BUDGET, INDEX_KINDS, BM25Index, DenseIndex, SearchResult,
                              build_dense_index, choose_index_kind, exact_search_excluding, measure_recall, path_size)
 
@@ -52,6 +52,8 @@ DEFAULT_EMBEDDER = "bm25"
 """Cheapest embedder with real retrieval quality on this CPU (see the module docstring of ``embedders``)."""
 DEFAULT_EXCLUDE_WINDOW = 2048
 NEIGHBOURS_FILE, SCORES_FILE = "neighbours.npy", "neighbour_scores.npy"
+MAX_PAST_CHUNKS = 4096
+"""``retrieval.sources=past`` searches at most this many of a document's chunks before the window (the latest)."""
 DENSE_INDEX_FILE, BM25_INDEX_DIR = "index.faiss", "index.bm25"
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -154,6 +156,52 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class DenseNeighbours(NamedTuple):
+    """What ``dense_neighbours`` built: the index over the train vectors and every chunk's neighbours."""
+
+    index: DenseIndex
+    kind: str
+    """The index kind built: ``kind`` as asked, or flat when its recall fell below the floor."""
+    ids: np.ndarray
+    scores: np.ndarray
+    num_short: int
+    recall: float
+    """recall@10 of ``index`` against exact search on the same vectors (1.0 for flat)."""
+    recall_queries: int
+    build_seconds: float
+    neighbours_seconds: float
+
+
+def dense_neighbours(layout: ChunkLayout, vectors: np.ndarray, k: int, exclude_window: int,
+                     exclude_same_document: bool, kind: str, seed: int = 0, progress: Progress = _no_progress,
+                     recall_floor: float = 0.0) -> DenseNeighbours:
+    """Index the train rows of ``vectors`` ((num_chunks, d) unit rows, any float dtype, memory-mapped or not) with
+    a ``kind`` index and compute every chunk's ``k`` nearest allowed train chunks under the leakage rules. An
+    approximate index whose recall@10 falls below ``recall_floor`` is replaced by an exact one."""
+    xb = vectors[: layout.num_train]
+    t0 = time.perf_counter()
+    built = build_dense_index(xb, kind, seed, progress("indexing", layout.num_train))
+    recall, recall_queries = measure_recall(built, xb, vectors, seed=seed)
+    if recall < recall_floor and kind != "flat":
+        logger.warning("the %s index's recall@10 %.3f is below the floor %.3f: using an exact index", kind, recall,
+                       recall_floor)
+        built, kind = build_dense_index(xb, "flat", seed), "flat"
+        recall = 1.0
+    build_s = time.perf_counter() - t0
+
+    def search(ids: np.ndarray, kk: int) -> SearchResult:
+        return built.search(vectors[ids], kk)
+
+    def exact(ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, kk: int) -> SearchResult:
+        return exact_search_excluding(xb, vectors[ids], kk, lo, hi)
+
+    t1 = time.perf_counter()
+    ids, scores, num_short = compute_neighbours(layout, search, k, exclude_window, exclude_same_document,
+                                                progress=progress("neighbours", layout.num_chunks), exact=exact)
+    return DenseNeighbours(built, kind, ids, scores, num_short, float(recall), recall_queries, build_s,
+                           time.perf_counter() - t1)
+
+
 # ---------------------------------------------------------------- the stage
 
 def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: str = "auto", k: int = DEFAULT_K,
@@ -178,10 +226,11 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
     tok_fp = store.manifest["tokenizer"]["fingerprint"]
     train_ids = np.arange(layout.num_train)
     t0 = time.perf_counter()
+    single = int(store.manifest["splits"]["train"]["documents"]) <= 1
     if emb.sparse:
         if index not in ("auto", "flat"):
             raise ValueError(f"--index {index} is for dense embedders; bm25 has its own exact index (use --index auto)")
-        kind, xb = "bm25", None
+        kind = "bm25"
         built = BM25Index.build(chunk_texts(store, layout, train_ids))
         progress("indexing", layout.num_train)(layout.num_train)
         build_s = time.perf_counter() - t0
@@ -189,26 +238,18 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
 
         def search(ids: np.ndarray, kk: int) -> SearchResult:
             return built.search(chunk_texts(store, layout, ids), kk)
+
+        t1 = time.perf_counter()
+        ids, scores, num_short = compute_neighbours(layout, search, k, exclude_window, not single,
+                                                    progress=progress("neighbours", layout.num_chunks))
+        neighbours_s = time.perf_counter() - t1
     else:
         vectors, reused = chunks_to_embeddings(store, layout, emb, force, progress=progress("embedding", layout.num_chunks))
-        xb = vectors[: layout.num_train]
         kind = choose_index_kind(layout.num_train, emb.dim, memory_budget) if index == "auto" else index
-        t0 = time.perf_counter()
-        built = build_dense_index(xb, kind, seed, progress("indexing", layout.num_train))
-        build_s = time.perf_counter() - t0
-        recall, recall_queries = measure_recall(built, xb, vectors, seed=seed)
-
-        def search(ids: np.ndarray, kk: int) -> SearchResult:
-            return built.search(vectors[ids], kk)
-
-        def exact(ids: np.ndarray, lo: np.ndarray, hi: np.ndarray, kk: int) -> SearchResult:
-            return exact_search_excluding(xb, vectors[ids], kk, lo, hi)
-    t1 = time.perf_counter()
-    single = int(store.manifest["splits"]["train"]["documents"]) <= 1
-    ids, scores, num_short = compute_neighbours(layout, search, k, exclude_window, not single,
-                                                progress=progress("neighbours", layout.num_chunks),
-                                                exact=None if emb.sparse else exact)
-    neighbours_s = time.perf_counter() - t1
+        dense = dense_neighbours(layout, vectors, k, exclude_window, not single, kind, seed, progress=progress)
+        built, ids, scores, num_short = dense.index, dense.ids, dense.scores, dense.num_short
+        recall, recall_queries, build_s, neighbours_s = (dense.recall, dense.recall_queries, dense.build_seconds,
+                                                         dense.neighbours_seconds)
     if num_short:
         logger.warning("%d chunks have fewer than %d allowed neighbours (padded with -1)", num_short, k)
 
@@ -265,6 +306,8 @@ class Neighbours:
     ids: np.ndarray
     scores: np.ndarray
     info: dict
+    vectors: np.ndarray | None = None
+    """(num_chunks, d) the unit vectors the neighbours were searched with (for ``past``); None for bm25."""
 
     @property
     def k(self) -> int:
@@ -302,17 +345,61 @@ class Neighbours:
         tokens, mask = neighbour_tokens(self.store, self.layout, nid, pad_id)
         return NeighbourBatch(tokens, mask, nid, score)
 
+    def with_past(self, chunk_ids: np.ndarray, window_first: np.ndarray, k: int | None = None,
+                  pad_id: int = 0) -> NeighbourBatch:
+        """``for_chunks(chunk_ids, k)`` (B, S) merged by score with the query chunk's own past: the chunks of its
+        document that lie before both the window (its first chunk id ``window_first`` (B,)) and the query
+        chunk itself, searched exactly with ``vectors`` (the last ``MAX_PAST_CHUNKS`` of them). A past neighbour's
+        continuation is handed over only when it too lies before both, so no neighbour ever holds the query
+        chunk, the window or anything after them. Past chunks of valid or test are that split's own text that
+        the model has already read, not leakage."""
+        k = self.k if k is None else k
+        if self.vectors is None:
+            raise ValueError(f"retrieval.sources=train,past searches a document's past by its chunks' vectors, and "
+                             f"the neighbours of {self.store.path} have none (bm25); index with a dense embedder "
+                             f"(`knnformer index {self.store.path} --embedder minilm`) or use a learned retriever")
+        train = self.for_chunks(chunk_ids, k, pad_id)
+        q = np.asarray(chunk_ids, dtype=np.int64)
+        B, S = q.shape
+        pid, pcont = np.full((B, S, k), -1, np.int64), np.full((B, S, k), -1, np.int64)
+        pscore = np.full((B, S, k), -np.inf, np.float32)
+        layout = self.layout
+        for b, s in zip(*np.nonzero(q >= 0)):
+            limit = min(int(window_first[b]), int(q[b, s]))
+            first = max(int(layout.chunk_of(layout.doc_starts[layout.doc_first[q[b, s]]])), limit - MAX_PAST_CHUNKS)
+            if limit <= first:
+                continue
+            cand = np.arange(first, limit)
+            scores = np.asarray(self.vectors[cand], np.float32) @ np.asarray(self.vectors[q[b, s]], np.float32)
+            top = np.argsort(-scores, kind="stable")[:k]
+            nxt = cand[top] + 1
+            starts_doc = layout.doc_starts[layout.doc_first[np.minimum(nxt, layout.num_chunks - 1)]] == layout.starts[
+                np.minimum(nxt, layout.num_chunks - 1)]
+            pid[b, s, : len(top)], pscore[b, s, : len(top)] = cand[top], scores[top]
+            pcont[b, s, : len(top)] = np.where((nxt < limit) & ~starts_doc, nxt, -1)
+        tscore = np.where(train.ids >= 0, train.scores, -np.inf)
+        tcont = np.where(train.ids >= 0, layout.continuations(np.maximum(train.ids, 0)), -1)
+        ids, scores = np.concatenate([train.ids, pid], -1), np.concatenate([tscore, pscore], -1)
+        order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]  # nearest first; a tie keeps train first
+        ids, scores = np.take_along_axis(ids, order, -1), np.take_along_axis(scores, order, -1)
+        cont = np.take_along_axis(np.concatenate([tcont, pcont], -1), order, -1)
+        ids = np.where(np.isfinite(scores), ids, -1)
+        tokens, mask = neighbour_tokens(self.store, layout, ids, pad_id, cont)
+        return NeighbourBatch(tokens, mask, ids, np.where(ids >= 0, scores, 0).astype(np.float32))
+
     def for_windows(self, split: str, starts, length: int, k: int | None = None, previous: bool = False,
                     pad_id: int = 0) -> NeighbourBatch:
         """``for_chunks(window_chunk_ids(split, starts, length, previous), k)``: shapes (B, U, k, 2C)."""
         return self.for_chunks(self.window_chunk_ids(split, starts, length, previous), k, pad_id)
 
 
-def neighbour_tokens(store: Datastore, layout: ChunkLayout, nid: np.ndarray, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of train chunks ``nid`` (any shape, -1 = none) and of their continuations: (*S, 2C) and a mask."""
+def neighbour_tokens(store: Datastore, layout: ChunkLayout, nid: np.ndarray, pad_id: int = 0,
+                     cont: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of chunks ``nid`` (any shape, -1 = none) and of their continuations ``cont`` (default: each train
+    chunk's, ``ChunkLayout.continuations``; -1 = none): (*S, 2C) and a mask."""
     C = layout.chunk_size
     n = np.maximum(nid, 0)
-    cont = np.where(nid >= 0, layout.continuations(n), -1)
+    cont = np.where(nid >= 0, layout.continuations(n) if cont is None else cont, -1)
     ar = np.arange(C)
     pos = np.concatenate([layout.starts[n][..., None] + ar, layout.starts[np.maximum(cont, 0)][..., None] + ar], -1)
     mask = np.concatenate([(nid[..., None] >= 0) & (pos[..., :C] < layout.ends[n][..., None]),
@@ -354,7 +441,12 @@ def load_neighbours(datastore: str | Path | Datastore, expected_embedder: str | 
     if ids.shape != (layout.num_chunks, info["k"]) or scores.shape != ids.shape or info["num_chunks"] != layout.num_chunks:
         raise ValueError(f"{store.path}/{info['file']} does not match the datastore's {layout.num_chunks} chunks; "
                          f"rebuild with {fix} --force`")
-    return Neighbours(store, layout, ids, scores, info)
+    emb = read_retrieval_manifest(store.path).get("embeddings")
+    vectors = None
+    if emb is not None and emb["fingerprint"] == info["embedder_fingerprint"] and emb["chunk_size"] == layout.chunk_size \
+            and emb["count"] == layout.num_chunks and (store.path / emb["file"]).is_file():
+        vectors = open_embeddings(store.path, emb)
+    return Neighbours(store, layout, ids, scores, info, vectors)
 
 
 def open_index(store: Datastore) -> DenseIndex | BM25Index:

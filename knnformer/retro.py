@@ -31,14 +31,15 @@ from knnformer.model import RMSNorm, SwiGLU, apply_rotary, rotary_tables
 def attend_with_null(q, k, v, mask=None, bias=None):
     """SDPA with one extra all-zero key and value that is always visible: a query whose real keys are all masked
     (a slot without neighbours) gets a zero output instead of NaN. q (N, H, Lq, Dh), k/v (N, H, Lk, Dh),
-    mask (N, Lk) bool, True = visible; bias (H, Lq, Lk) added to the logits."""
+    mask (N, Lk) bool, True = visible; bias (H, Lq, Lk), or (N or 1, H or 1, Lq or 1, Lk), added to the logits."""
     N, H, Lq, Dh = q.shape
     zeros = k.new_zeros(N, H, 1, Dh)
     k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
     if mask is not None:
         mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)[:, None, None, :]  # (N, 1, 1, Lk + 1)
     if bias is not None:
-        bias = F.pad(bias, (0, 1)).to(q.dtype)[None]  # (1, H, Lq, Lk + 1)
+        bias = F.pad(bias, (0, 1)).to(q.dtype)
+        bias = bias[None] if bias.dim() == 3 else bias  # (1 or N, H, Lq, Lk + 1)
         if mask is not None:
             bias = bias.masked_fill(~mask, float("-inf"))
         mask = bias
@@ -132,6 +133,11 @@ class Retrieval(nn.Module):
         cos, sin = rotary_tables(2 * config.chunk_size, model.dim // model.num_heads, model.rope_theta)
         self.register_buffer("cca_cos", cos, persistent=False)
         self.register_buffer("cca_sin", sin, persistent=False)
+        self.retriever = None
+        if config.retriever == "learned":
+            from knnformer.retriever import LearnedRetriever
+
+            self.retriever = LearnedRetriever(model, config)
 
     def encode(self, neighbour_embeddings: torch.Tensor, mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """neighbour_embeddings (B, S, K, R, D), mask (B, S, K, R), decoder states h (B, T, D)
@@ -151,8 +157,10 @@ class Retrieval(nn.Module):
             x = block(x, cos, sin, flat_mask, states, K)
         return self.encoder_norm(x).view(B, S, K, R, -1)
 
-    def cross_attend(self, layer: int, h: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Decoder states h (B, T, D) attend, chunk by chunk, to encoded (B, S, K, R, De); returns the new h."""
+    def cross_attend(self, layer: int, h: torch.Tensor, encoded: torch.Tensor, mask: torch.Tensor,
+                     relevance: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder states h (B, T, D) attend, chunk by chunk, to encoded (B, S, K, R, De); returns the new h.
+        ``relevance`` (B, S, K), a learned retriever's cosines, adds ``beta * relevance`` to each neighbour's logits."""
         B, T, D = h.shape
         C = self.chunk_size
         S = T // C + 1
@@ -164,5 +172,7 @@ class Retrieval(nn.Module):
         rotary_q = (self.cca_cos[C : 2 * C], self.cca_sin[C : 2 * C])
         rotary_k = (self.cca_cos[:R].repeat(K, 1), self.cca_sin[:R].repeat(K, 1))
         bias = self.cca_bias[str(layer)][:, :, :R].repeat(1, 1, K)  # (H, C, K*R)
+        if relevance is not None:
+            bias = bias + self.retriever.bias(relevance, R)  # (B*S, H, C, K*R)
         y = self.cca[str(layer)](x.view(B * S, C, D), memory, mask.reshape(B * S, -1), rotary_q, rotary_k, bias)
         return h + y.view(B, S * C, D)[:, 1 : T + 1]

@@ -24,6 +24,7 @@ from knnformer.datastore import Datastore
 from knnformer.batches import WindowSampler
 from knnformer.model import Transformer
 from knnformer.performer import redraw_features
+from knnformer.refresh import changed_share, load_refresh, parse_schedule, refresh_due, refresh_folder, refresh_neighbours
 
 logger = logging.getLogger(__name__)
 
@@ -175,23 +176,36 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     train_data = datastore.require_split("train", mcfg.context + 2)
     neighbours = resolve_retrieval(config, datastore)
     rcfg = config.retrieval
+    past = rcfg.enabled and "past" in rcfg.resolved_sources()
     train_sampler = WindowSampler(train_data, mcfg.context, neighbours, "train", rcfg.num_neighbours,
-                                  rcfg.continuation)
+                                  rcfg.continuation, past)
     valid_data = datastore.split_tokens("valid")
     valid_sampler = None
     if len(valid_data) >= mcfg.context + 2:
         valid_sampler = WindowSampler(valid_data, mcfg.context, neighbours, "valid",
-                                      rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation)
+                                      rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation, past)
     elif cfg.eval_interval:
         logger.warning("valid split has %d tokens, too few for a window of %d: periodic evaluation is off",
                        len(valid_data), mcfg.context + 1)
     token_bytes = torch.from_numpy(datastore.tokenizer.token_bytes)
+    learned = neighbours is not None and rcfg.retriever == "learned"
+    schedule = parse_schedule(rcfg.refresh) if learned else []
+
+    def refresh_needed(step: int) -> bool:
+        return learned and ((step == 0 and rcfg.retriever_init == "scratch") or (step > 0 and refresh_due(step, schedule)))
+
+    def use_neighbours(new) -> None:
+        train_sampler.neighbours = new
+        if valid_sampler is not None:
+            valid_sampler.neighbours = new
 
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg, rcfg).to(device)
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     record = run_record(config, datastore)
+    if learned:
+        record["refresh"] = {"id": 0, "step": 0, "folder": None}  # 0: the datastore's own neighbours
     start_step = 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
@@ -201,6 +215,10 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
         start_step = ckpt["state"]["step"]
         generator.set_state(ckpt["state"]["generator"])
         set_rng_state(ckpt["state"]["rng"])
+        if learned and ckpt["config"].get("refresh", {}).get("id"):  # the neighbours this checkpoint trained with
+            record["refresh"] = ckpt["config"]["refresh"]
+            neighbours = load_refresh(run_dir / record["refresh"]["folder"], datastore, neighbours.layout)
+            use_neighbours(neighbours)
         _truncate_metrics(metrics_path, start_step)
         logger.info("resumed from %s at step %d", ckpt["path"], start_step)
     else:
@@ -223,6 +241,21 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     with StopRequested() as stop, open(metrics_path, "a") as metrics:
         t_last = time.perf_counter()
         while step < cfg.steps:
+            refreshed = {}
+            if refresh_needed(step):
+                t_refresh = time.perf_counter()
+                refresh_id = record["refresh"]["id"] + 1
+                new = refresh_neighbours(model, neighbours, run_dir, refresh_id, step, rcfg.refresh_index,
+                                         rcfg.refresh_recall_floor, cfg.seed)
+                refreshed = {"refresh": refresh_id, "refresh_changed": changed_share(neighbours, new),
+                             "refresh_recall": new.info["recall_at_10"]}
+                neighbours = new
+                use_neighbours(new)  # swapped between two steps: no batch ever mixes two refreshes
+                record["refresh"] = {"id": refresh_id, "step": step,
+                                     "folder": str(refresh_folder(run_dir, refresh_id).relative_to(run_dir.resolve()))}
+                atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2))
+                refreshed["refresh_seconds"] = time.perf_counter() - t_refresh
+                t_last = time.perf_counter()  # the pause is reported as refresh_seconds, not as throughput
             redrew = redraw_due(step, mcfg)
             if redrew:
                 redraw_step(model, step, cfg.seed)
@@ -248,11 +281,12 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
                 row["grad_norm"] = float(grad_norm)
             if redrew:
                 row["redraw"] = True
+            row.update(refreshed)
             if valid_sampler is not None and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps):
                 valid = estimate_loss(model, valid_sampler, token_bytes, cfg, device)
                 row.update(valid)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
-            if step % cfg.log_interval == 0 or "valid_loss" in row or "redraw" in row or step == cfg.steps:
+            if step % cfg.log_interval == 0 or "valid_loss" in row or "redraw" in row or "refresh" in row or step == cfg.steps:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             if on_step is not None:

@@ -1,0 +1,140 @@
+"""An index that follows the model: re-embed every chunk with the learned retriever, rebuild the index and the
+neighbours, and hand them to the trainer.
+
+The schedule is data (Atlas): ``"0-1000:250,1000-:1000"`` refreshes every 250 steps from step 0 until step 1000,
+then every 1000. A refresh at step s runs before optimizer step s (0-based) and serves it and the steps after.
+
+What a refresh writes, all inside the run (several runs may share one datastore, so a run's refreshed
+neighbours are its own): ``RUN/refresh/refresh-NNNN/`` with ``neighbours.npy`` and ``neighbour_scores.npy``
+(as ``knnformer index`` writes them), ``embeddings.f16.npy`` (the retriever's vectors of every chunk, for
+``past`` and for inspection) and ``manifest.json`` (the neighbours entry of a datastore manifest plus the refresh
+id, its step, the index's recall and its timings). The folder is written under a temporary name and renamed into
+place; the run record (``config.json`` beside the weights of every later checkpoint) then names it, so a resumed
+run and ``evaluate`` read the same neighbours. Refresh 0 is the datastore's own neighbours (the frozen embedder).
+
+The refresh is synchronous: training waits while it runs, and the pause is logged (``refresh_seconds``). Its
+result depends only on the weights (eval mode, deterministic search), so a resumed run that redoes a refresh
+gets the same neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from knnformer.chunks import ChunkLayout
+from knnformer.datastore import Datastore
+from knnformer.index import choose_index_kind
+from knnformer.neighbours import NEIGHBOURS_FILE, SCORES_FILE, Neighbours, Progress, _no_progress, dense_neighbours
+from knnformer.retriever import embed_all_chunks
+
+logger = logging.getLogger(__name__)
+
+REFRESH_DIR = "refresh"
+VECTORS_FILE = "embeddings.f16.npy"
+Schedule = list[tuple[int, int | None, int]]
+
+
+def parse_schedule(text: str) -> Schedule:
+    """``"a-b:every,c-:every"`` -> [(a, b, every), (c, None, every)]: half-open step ranges, an open end for the
+    last; ranges ascending and not overlapping. Empty text is no refresh."""
+    schedule: Schedule = []
+    fix = "write it as start-end:every ranges, e.g. \"0-1000:250,1000-:1000\""
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            span, every = part.split(":")
+            lo, hi = span.split("-")
+            item = (int(lo), int(hi) if hi.strip() else None, int(every))
+        except ValueError:
+            raise ValueError(f"retrieval.refresh: cannot read {part!r}; {fix}") from None
+        lo, hi, every = item
+        if lo < 0 or every <= 0 or (hi is not None and hi <= lo):
+            raise ValueError(f"retrieval.refresh: {part!r} needs 0 <= start < end and every > 0; {fix}")
+        if schedule and (schedule[-1][1] is None or lo < schedule[-1][1]):
+            raise ValueError(f"retrieval.refresh: {part!r} overlaps the range before it; give ranges in order")
+        schedule.append(item)
+    return schedule
+
+
+def refresh_due(step: int, schedule: Schedule) -> bool:
+    """Whether a refresh runs before optimizer step ``step``: ``step`` lies in a range and is a multiple of its
+    interval counted from the range's start."""
+    return any(lo <= step and (hi is None or step < hi) and (step - lo) % every == 0 for lo, hi, every in schedule)
+
+
+def refresh_folder(run_dir: str | Path, refresh_id: int) -> Path:
+    return Path(run_dir).resolve() / REFRESH_DIR / f"refresh-{refresh_id:04d}"
+
+
+def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id: int, step: int,
+                       index: str = "auto", recall_floor: float = 0.0, seed: int = 0,
+                       progress: Progress = _no_progress) -> Neighbours:
+    """Embed every chunk of ``base``'s datastore with ``model``'s learned retriever, index the train chunks, compute
+    every chunk's neighbours under ``base``'s leakage rules (its ``exclude_window`` and document rule) and write
+    refresh ``refresh_id`` of the run; returns the new neighbours (as many per chunk as ``base`` holds)."""
+    store, layout = base.store, base.layout
+    t0 = time.perf_counter()
+    vectors = embed_all_chunks(model, store.tokens, layout.starts, layout.ends,
+                               progress=progress("embedding", layout.num_chunks))
+    embed_s = time.perf_counter() - t0
+    kind = choose_index_kind(layout.num_train, vectors.shape[1]) if index == "auto" else index
+    dense = dense_neighbours(layout, vectors, base.k, base.info["exclude_window"],
+                             base.info["exclude_same_document"], kind, seed, progress, recall_floor)
+    info = {**{key: base.info[key] for key in ("tokenizer_fingerprint", "chunk_size", "exclude_window",
+                                               "exclude_same_document")},
+            "embedder": "learned", "embedder_fingerprint": f"learned:refresh-{refresh_id}",
+            "file": NEIGHBOURS_FILE, "scores_file": SCORES_FILE, "k": base.k, "num_chunks": layout.num_chunks,
+            "index_kind": dense.kind,
+            "num_short_rows": dense.num_short, "refresh": refresh_id, "step": step,
+            "recall_at_10": round(dense.recall, 4), "recall_queries": dense.recall_queries,
+            "recall_floor": recall_floor, "embed_seconds": round(embed_s, 3),
+            "index_seconds": round(dense.build_seconds, 3), "neighbours_seconds": round(dense.neighbours_seconds, 3)}
+    final = refresh_folder(run_dir, refresh_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        np.save(tmp / NEIGHBOURS_FILE, dense.ids)
+        np.save(tmp / SCORES_FILE, dense.scores)
+        np.save(tmp / VECTORS_FILE, vectors.astype(np.float16))
+        (tmp / "manifest.json").write_text(json.dumps(info, indent=2))
+        if final.exists():  # a resumed run redoing a refresh: the same weights wrote the same neighbours
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("refresh %d at step %d: %.2f s (embedding %.2f s), recall@10 %.3f", refresh_id, step,
+                time.perf_counter() - t0, embed_s, dense.recall)
+    return load_refresh(final, store, layout)
+
+
+def load_refresh(folder: str | Path, store: Datastore, layout: ChunkLayout) -> Neighbours:
+    """The neighbours a refresh wrote to ``folder`` (memory-mapped), refused if they do not fit the datastore."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / "manifest.json").read_text())
+        ids = np.load(folder / info["file"], mmap_mode="r")
+        scores = np.load(folder / info["scores_file"], mmap_mode="r")
+        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"the refreshed neighbours in {folder} are unreadable ({e}); resume from a checkpoint "
+                         f"before that refresh, or retrain") from None
+    if info["tokenizer_fingerprint"] != store.manifest["tokenizer"]["fingerprint"] or \
+            ids.shape != (layout.num_chunks, info["k"]) or info["chunk_size"] != layout.chunk_size:
+        raise ValueError(f"the refreshed neighbours in {folder} do not fit datastore {store.path}; evaluate the "
+                         f"run on the datastore it was trained on")
+    return Neighbours(store, layout, ids, scores, info, vectors)
+
+
+def changed_share(before: Neighbours, after: Neighbours) -> float:
+    """Share of chunks whose neighbour list changed (ids or order)."""
+    return float(np.mean(np.any(np.asarray(before.ids) != np.asarray(after.ids), axis=1)))

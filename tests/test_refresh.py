@@ -1,0 +1,152 @@
+"""An index that follows the model: the refresh schedule, refreshes that change neighbours exactly when the
+retriever changes, the recall floor, and resume across a refresh."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from knnformer.checkpoint import latest_checkpoint
+from knnformer.config import load_config
+from knnformer.corpus import Document
+from knnformer.datastore import Datastore, write_datastore
+from knnformer.evaluate import evaluate_run
+from knnformer.index import exact_search
+from knnformer.model import Transformer
+from knnformer.neighbours import index_datastore, load_neighbours
+from knnformer.refresh import load_refresh, parse_schedule, refresh_due, refresh_neighbours
+from knnformer.tokenizer import ByteTokenizer
+from knnformer.trainer import train
+
+C = 16
+
+
+def line_store(tmp_path, num_docs: int = 40) -> Datastore:
+    rng = random.Random(0)
+    pool = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(63)) + "\n" for _ in range(30)]
+    docs = [Document(f"doc{i:03d}", "".join(rng.choice(pool) for _ in range(6)), "train") for i in range(num_docs)]
+    docs += [Document(f"val{i:03d}", "".join(rng.choice(pool) for _ in range(6)), "valid") for i in range(4)]
+    write_datastore(tmp_path / "store", docs, ByteTokenizer(), [])
+    index_datastore(tmp_path / "store", embedder="bytes-hash", index="flat", k=4, chunk_size=C, exclude_window=128)
+    return Datastore.open(tmp_path / "store")
+
+
+def learned_config(*overrides):
+    config = load_config("tiny", ["model.context=64", "retrieval.enabled=true", "retrieval.chunk_size=16",
+                                  "retrieval.retriever=learned", *overrides])
+    config.model.vocab_size = 256
+    return config
+
+
+def test_schedule_is_data():
+    schedule = parse_schedule("0-1000:250,1000-:1000")
+    assert schedule == [(0, 1000, 250), (1000, None, 1000)]
+    due = [s for s in range(0, 3001) if refresh_due(s, schedule)]
+    assert due == [0, 250, 500, 750, 1000, 2000, 3000]
+    assert parse_schedule("") == [] and not refresh_due(5, [])
+    assert [s for s in range(20) if refresh_due(s, parse_schedule("5-12:3"))] == [5, 8, 11]
+    for bad, match in [("0-100", "cannot read"), ("a-b:3", "cannot read"), ("10-5:2", "start < end"),
+                       ("0-10:0", "every > 0"), ("0-:5,10-:5", "overlaps"), ("0-20:5,10-30:5", "overlaps")]:
+        with pytest.raises(ValueError, match=match):
+            parse_schedule(bad)
+    with pytest.raises(ValueError, match="retriever=learned"):
+        load_config("tiny", ["retrieval.enabled=true", "retrieval.refresh=0-:10"])
+    with pytest.raises(ValueError, match="retrieval.refresh"):
+        load_config("tiny", ["retrieval.enabled=true", "retrieval.retriever=learned", "retrieval.refresh=0-:x"])
+
+
+def test_refresh_changes_neighbours_iff_the_retriever_changes(tmp_path):
+    store = line_store(tmp_path)
+    base = load_neighbours(store)
+    config = learned_config()
+    config.retrieval.chunk_size = C
+    torch.manual_seed(0)
+    model = Transformer(config.model, config.retrieval)
+    first = refresh_neighbours(model, base, tmp_path / "run", 1, 0)
+    again = refresh_neighbours(model, base, tmp_path / "run", 2, 0)
+    assert np.array_equal(first.ids, again.ids) and np.array_equal(first.scores, again.scores)
+    assert not np.array_equal(first.ids, base.ids)  # the learned retriever is not bytes-hash
+    with torch.no_grad():
+        model.retrieval.retriever.proj.weight.copy_(torch.randn_like(model.retrieval.retriever.proj.weight))
+    changed = refresh_neighbours(model, base, tmp_path / "run", 3, 0)
+    assert (np.asarray(changed.ids) != np.asarray(first.ids)).any(1).mean() > 0.02  # repeated lines: many stay
+    # the leakage rules of the datastore's neighbours hold: no train chunk retrieves its own document
+    layout = changed.layout
+    ids = np.asarray(changed.ids)[: layout.num_train]
+    own = layout.doc_first[np.arange(layout.num_train)][:, None]
+    assert not np.any((ids >= 0) & (layout.doc_first[np.maximum(ids, 0)] == own))
+    # valid chunks get the exact top k over the train chunks' vectors
+    vectors = np.asarray(changed.vectors, dtype=np.float32)
+    lo, hi = layout.split_chunks["valid"]
+    exact = exact_search(vectors[: layout.num_train], vectors[lo:hi], changed.k).D
+    # (compared by score: repeated lines make many exact ties, whose order is arbitrary)
+    np.testing.assert_allclose(np.asarray(changed.scores, dtype=np.float32)[lo:hi], exact, atol=2e-3)
+    reloaded = load_refresh(tmp_path / "run" / "refresh" / "refresh-0003", store, layout)
+    assert np.array_equal(reloaded.ids, changed.ids) and reloaded.info["refresh"] == 3
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_refreshed_index_recall_stays_above_the_floor(tmp_path, kind):
+    store = line_store(tmp_path)
+    base = load_neighbours(store)
+    config = learned_config()
+    config.retrieval.chunk_size = C
+    torch.manual_seed(0)
+    model = Transformer(config.model, config.retrieval)
+    floor = 0.97
+    nb = refresh_neighbours(model, base, tmp_path / "run", 1, 0, index=kind, recall_floor=floor)
+    assert nb.info["recall_at_10"] >= floor
+    assert nb.info["index_kind"] in (kind, "flat")
+    strict = refresh_neighbours(model, base, tmp_path / "run", 2, 0, index="ivfpq", recall_floor=1.0)
+    assert strict.info["index_kind"] == "flat" and strict.info["recall_at_10"] == 1.0
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_a_refresh_reproduces_losses(tmp_path):
+    store = line_store(tmp_path)
+    config = learned_config("train.steps=9", "train.checkpoint_interval=4", "train.log_interval=1",
+                            "train.eval_interval=0", "train.keep_checkpoints=5", "model.dropout=0.1",
+                            "retrieval.refresh=0-:3", "retrieval.retriever_init=scratch")
+    train(tmp_path / "full", store, config)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "refresh" in r] == [1, 4, 7]  # before steps 0, 3 and 6 (0-based)
+    assert all(r["refresh_seconds"] > 0 and r["refresh_recall"] >= 0.9 for r in rows if "refresh" in r)
+    config.train.steps = 6  # checkpoints at 4 and 6; step 6 dropped, so resume from 4 redoes the refresh at 6
+    train(tmp_path / "part", store, config)
+    shutil.rmtree(latest_checkpoint(tmp_path / "part"))
+    config.train.steps = 9
+    train(tmp_path / "part", store, config, resume=True)
+    assert losses(tmp_path / "part") == losses(tmp_path / "full")
+    record = json.loads((latest_checkpoint(tmp_path / "full") / "config.json").read_text())
+    assert record["refresh"] == {"id": 3, "step": 6, "folder": "refresh/refresh-0003"}
+    result = evaluate_run(tmp_path / "full", "valid")
+    assert result["neighbours"]["embedder"] == "learned"
+
+
+def test_inspect_shows_a_chunk_with_its_neighbours_before_and_after_refreshes(tmp_path, capsys):
+    from knnformer.cli import main
+
+    store = line_store(tmp_path)
+    config = learned_config("train.steps=2", "train.checkpoint_interval=2", "train.eval_interval=0",
+                            "retrieval.retriever_init=scratch")
+    train(tmp_path / "run", store, config)
+    assert main(["-q", "inspect", str(tmp_path / "run"), "--chunk", "3", "--split", "valid", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    nb = load_refresh(tmp_path / "run" / "refresh" / "refresh-0001", store, load_neighbours(store).layout)
+    cid = nb.layout.split_chunks["valid"][0] + 3
+    assert out["chunk_id"] == cid and out["refresh"] == 1 and out["embedder"] == "learned"
+    assert [r["chunk_id"] for r in out["current"]] == [int(i) for i in nb.ids[cid]]
+    assert [r["chunk_id"] for r in out["initial"]] == [int(i) for i in load_neighbours(store).ids[cid]]
+    assert out["initial_embedder"] == "bytes-hash" and all(r["split"] == "train" for r in out["current"])
+    assert main(["-q", "inspect", str(tmp_path / "run"), "--chunk", "3"]) == 0
+    assert "neighbours before training (bytes-hash)" in capsys.readouterr().out
+    assert main(["-q", "inspect", str(tmp_path / "run"), "--chunk", "100000"]) == 2
+    assert "out of range" in capsys.readouterr().err
