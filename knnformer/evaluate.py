@@ -130,11 +130,24 @@ def chunk_overlaps(tokens: np.ndarray, chunk_size: int, neighbour_fn) -> np.ndar
     return r
 
 
+def split_overlaps(neighbours, tokens: np.ndarray, split: str, k: int, continuation: bool) -> np.ndarray:
+    """``chunk_overlaps`` of a split against the neighbours that serve each of its chunks in the datastore."""
+    lo_chunk = neighbours.layout.split_chunks[split][0]
+    C = neighbours.chunk_size
+    R = 2 * C if continuation else C
+
+    def prev_fn(prev):
+        nb = neighbours.for_chunks(np.where(prev >= 0, lo_chunk + prev, -1), k)
+        return nb.tokens[..., :R], nb.mask[..., :R]
+
+    return chunk_overlaps(np.asarray(tokens), C, prev_fn)
+
+
 def filtered_figures(losses: np.ndarray, targets: np.ndarray, token_bytes: np.ndarray, overlaps: np.ndarray,
-                     chunk_size: int) -> dict[str, dict[str, float]]:
+                     chunk_size: int, first: int = 1) -> dict[str, dict[str, float]]:
     """Bits per byte over the chunks whose overlap ratio is at most alpha, and the share of chunks kept.
-    ``losses[p - 1]`` and ``targets[p - 1]`` belong to token p of the split, which lies in chunk p // C."""
-    chunk_of_target = (np.arange(len(losses)) + 1) // chunk_size
+    ``losses[i]`` and ``targets[i]`` belong to token p = first + i of the split, which lies in chunk p // C."""
+    chunk_of_target = (np.arange(len(losses)) + first) // chunk_size
     r = overlaps[chunk_of_target]
     nbytes = np.asarray(token_bytes)[targets]
     scored_chunks = np.unique(chunk_of_target)
@@ -252,16 +265,7 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
         return nb, mask
 
     passes = [("on", nb_fn), ("off", None)] if use_retrieval else [("off", None)]
-    overlaps = None
-    if neighbours is not None:
-        lo_chunk = neighbours.layout.split_chunks[split][0]
-
-        def prev_fn(prev):
-            nb = neighbours.for_chunks(np.where(prev >= 0, lo_chunk + prev, -1), k)
-            C = neighbours.chunk_size
-            return nb.tokens[..., : 2 * C if continuation else C], nb.mask[..., : 2 * C if continuation else C]
-
-        overlaps = chunk_overlaps(np.asarray(tokens), neighbours.chunk_size, prev_fn)
+    overlaps = None if neighbours is None else split_overlaps(neighbours, tokens, split, k, continuation)
     result: dict[str, Any] = {}
     for name, fn in passes:
         progress = progress_factory(len(tokens) - 1, f"retrieval {name}") if progress_factory else None
