@@ -159,6 +159,8 @@ def test_overlap_filtered_figures_come_with_the_datastores_chunk_neighbours(tmp_
         assert fig["filtered"]["1.0"]["fraction"] == 1.0
         assert fig["filtered"]["1.0"]["bits_per_byte"] == pytest.approx(fig["bits_per_byte"], rel=1e-9)
     low = r["filtered"]["0.125"]
+    from knnformer.knnlm import format_table
+    assert "overlap <= 0.125" in format_table(r)
     assert 0 < low["fraction"] <= 1 and np.isfinite(low["bits_per_byte"])
 
 
