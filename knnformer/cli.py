@@ -118,6 +118,9 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
     def on_step(row):
         rates.append(row["tokens_per_s"])
         postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{sorted(rates[-50:])[len(rates[-50:]) // 2]:,.0f}"}
+        if "moe" in row:  # MoE: the weighted auxiliary loss and the mean dropped-token share over its layers
+            postfix["aux"] = f"{row['aux_loss']:.4f}"
+            postfix["drop"] = f"{sum(m['dropped'] for m in row['moe']) / len(row['moe']):.1%}"
         if "valid_loss" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid loss {row['valid_loss']:.4f}  "
                       f"valid bits/byte {row['valid_bpb']:.4f}")
