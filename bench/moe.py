@@ -14,10 +14,12 @@ So every variant multiplies each token by the same number of FFN weights (3 D F 
 router; ``flops_per_token`` in model.py, recorded). Capacity padding and dropped tokens are not counted.
 Recorded per variant: the valid loss (periodic estimate on fixed windows) against steps and against training
 wall-clock (evaluation time excluded), the first step at which it reaches the dense model's final valid loss,
-the whole-split valid loss, the MoE statistics and tokens/s. Runs are sequential on a shared machine, so the
-wall-clock figures carry the load of the moment (load averages recorded).
+the whole-split valid loss, the MoE statistics and tokens/s. Runs are sequential on a shared machine, so their
+wall-clock carries the load of the moment (load averages recorded); the step times that compare the variants
+are measured apart, interleaved: ``--speed-rounds`` rounds in which every variant runs ``--speed-steps``
+training steps in a rotating order, medians. ``clock_s`` in each curve is steps x that median step time.
 
-    python bench/moe.py [--steps 600] [--variants dense top2 top1 expert_choice] [--out bench/results/moe.json]
+    python bench/moe.py [--steps 1000] [--variants dense top2 top1 expert_choice] [--out bench/results/moe.json]
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ from knnformer.cli import main as knnformer_main
 from knnformer.config import load_config
 from knnformer.datastore import Datastore
 from knnformer.evaluate import evaluate_run
-from knnformer.model import flops_per_token
-from knnformer.trainer import train
+from knnformer.model import Transformer, flops_per_token
+from knnformer.trainer import make_optimizer, sample_windows, train
 
 SYMPY = Path("/work/shared/data/sympy-1.13.3/files/sympy")
 
@@ -77,12 +79,57 @@ def first_step_reaching(curve: list[dict], target: float) -> int | None:
     return next((row["step"] for row in curve if row["valid_loss"] <= target), None)
 
 
-def run_variant(name: str, args, store: Datastore, work: Path) -> dict:
+def variant_config(name: str, args):
     overrides = base_overrides(args) + VARIANTS[name]
     config = load_config(None, [o for o in overrides if not o.endswith("=half")])
     if any(o.endswith("=half") for o in overrides):
         config.model.moe.expert_hidden = config.model.resolved_ffn_hidden() // 2
     config.validate()
+    return config
+
+
+def step_times(args, store: Datastore) -> dict[str, dict]:
+    """Median training-step time of every variant, interleaved in rounds so that load falls on all alike."""
+    data = store.split_tokens("train")
+    steps = {}
+    for name in args.variants:
+        config = variant_config(name, args)
+        torch.manual_seed(0)
+        model = Transformer(config.model).train()
+        optimizer = make_optimizer(model, config.train)
+        generator = torch.Generator().manual_seed(0)
+
+        def step(model=model, optimizer=optimizer, generator=generator, config=config):
+            x, y = sample_windows(data, config.train.batch_size, config.model.context, generator)
+            _, loss = model(x, y)
+            aux = model.aux_loss()
+            (loss if aux is None else loss + aux).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for name, step in steps.items():  # warmup
+        for _ in range(3):
+            step()
+    for r in range(args.speed_rounds):
+        names = list(steps)[r % len(steps):] + list(steps)[: r % len(steps)]
+        for name in names:
+            for _ in range(args.speed_steps):
+                t0 = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        ts = sorted(ts)
+        out[name] = {"step_ms": round(1000 * ts[len(ts) // 2], 1), "p10_ms": round(1000 * ts[len(ts) // 10], 1),
+                     "p90_ms": round(1000 * ts[9 * len(ts) // 10], 1)}
+    return out
+
+
+def run_variant(name: str, args, store: Datastore, work: Path) -> dict:
+    config = variant_config(name, args)
     run_dir = work / f"run-{name}"
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -131,6 +178,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--speed-rounds", type=int, default=6)
+    p.add_argument("--speed-steps", type=int, default=5)
     p.add_argument("--work", default="/tmp/knnformer-bench-moe", help="folder for the datastore and the runs")
     p.add_argument("--out", default="bench/results/moe.json")
     args = p.parse_args()
@@ -139,7 +188,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     store = prepare(work, args.subsets)
     load_before = os.getloadavg()
+    speed = step_times(args, store)
+    print("interleaved step times:", json.dumps(speed), flush=True)
     results = {name: run_variant(name, args, store, work) for name in args.variants}
+    for name, r in results.items():
+        r["interleaved_step"] = speed[name]
+        for row in r["curve"]:
+            row["clock_s"] = round(row["step"] * speed[name]["step_ms"] / 1000, 1)
     if "dense" in results:
         target = results["dense"]["final_valid_loss"]
         for name, r in results.items():
@@ -149,6 +204,7 @@ def main() -> None:
             r["meets_two_thirds_goal"] = step is not None and step <= 2 * args.steps / 3
             row = next((c for c in r["curve"] if c["step"] == step), None)
             r["train_s_to_dense_final"] = row["train_s"] if row else None
+            r["clock_s_to_dense_final"] = row["clock_s"] if row else None
     record = {"command": "python " + " ".join(sys.argv), "args": vars(args),
               "datastore": {"subsets": args.subsets, "tokens": store.manifest["num_tokens"],
                             "splits": store.manifest["splits"]},
@@ -159,7 +215,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(record, indent=2))
     for name, r in results.items():
         print(f"{name:>14}: final valid {r['final_valid_loss']:.4f}; reaches dense's final valid loss at step "
-              f"{r.get('steps_to_dense_final')} of {args.steps} ({r.get('train_s_to_dense_final')} s)")
+              f"{r.get('steps_to_dense_final')} of {args.steps} ({r.get('clock_s_to_dense_final')} s at the interleaved "
+              f"step time of {r['interleaved_step']['step_ms']} ms)")
 
 
 if __name__ == "__main__":

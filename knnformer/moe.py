@@ -10,10 +10,12 @@ Shape legend:
 
 Dispatch: the assignments are stably sorted by expert, so an assignment's rank within its expert is its slot
 (first choices before second choices, earlier tokens before later ones, as GShard's cumsum gives); those with a
-slot below Cap are copied into an (E, Cap, D) buffer, the experts run as two ``torch.bmm`` calls, and the outputs
-are scaled by their gates and summed back per token with ``index_add``. No Python loop over tokens or experts.
-``torch._grouped_mm`` works on CPU in torch 2.13 but measured ~10% slower than ``bmm`` on the same padded
-shapes (1 thread, E=8, D=192, F=256, 4096 tokens: 8.7 vs 7.8 ms), so the buffer is padded.
+slot below Cap are kept. On CPU the kept rows, grouped by expert, run through two grouped GEMMs
+(``torch._grouped_mm``, no padding); elsewhere they are copied into an (E, Cap, D) buffer and run as two
+``torch.bmm``. The outputs are scaled by their gates and summed back per token with ``index_add``. No Python loop
+over tokens or experts. Measured on 1 CPU thread (8 experts, D=128, F=176, 3,000 of 5,120 padded rows used, as
+top-2 with its sampled second expert gives): forward + backward of the experts 14.7 ms grouped vs 26-31 ms
+padded. At equal shapes, grouped is ~10% slower than bmm, so expert choice, whose buffer is exact, uses bmm.
 
 Each forward keeps on the module what the trainer and ``evaluate`` read: ``aux_loss`` (the weighted
 load-balancing and z-losses, differentiable) and ``stats`` (detached: expert load, dropped share, losses).
@@ -106,6 +108,17 @@ class MoE(nn.Module):
         gate, up = torch.bmm(buffer, self.experts_gate_up).chunk(2, dim=-1)  # (E, Cap, F) each
         return torch.bmm(F.silu(gate) * up, self.experts_down)
 
+    def run_experts_grouped(self, rows: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Every expert's SwiGLU on ``rows`` (R, D) grouped by expert, expert e's rows ending at ``ends[e]`` (E,)
+        -> (R, D), with grouped GEMMs. Under autocast, in its dtype (autocast does not cover the op)."""
+        w1, w2 = self.experts_gate_up, self.experts_down
+        if torch.is_autocast_enabled(rows.device.type):
+            dtype = torch.get_autocast_dtype(rows.device.type)
+            rows, w1, w2 = rows.to(dtype), w1.to(dtype), w2.to(dtype)
+        ends = ends.to(torch.int32)
+        gate, up = torch._grouped_mm(rows, w1, offs=ends).chunk(2, dim=-1)  # (R, F) each
+        return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2, offs=ends)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits and probabilities (N, E) in fp32, with Switch's jitter on the input in training."""
         if self.training and self.cfg.router_noise > 0:
@@ -149,11 +162,21 @@ class MoE(nn.Module):
         cap = max(1, min(busiest, capacity(N, E, factor, k))) if factor > 0 else max(1, busiest)
         kept = slot < cap  # (A,)
         token_of = torch.arange(N, device=tokens.device).repeat(k)[kept]  # (kept,)
-        index = flat_experts[kept] * cap + slot[kept]  # row of the (E * Cap) buffer
-        buffer = tokens.new_zeros(E * cap, D).index_copy(0, index, tokens[token_of])
-        expert_out = self.run_experts(buffer.view(E, cap, D)).view(E * cap, D)
-        weighted = expert_out[index] * gates.t().reshape(-1)[kept, None].to(expert_out.dtype)
-        out = weighted.new_zeros(N, D).index_add(0, token_of, weighted)
+        gate_of = gates.t().reshape(-1)[kept, None]  # (kept, 1)
+        if self.cfg.grouped_mm and tokens.device.type == "cpu" and hasattr(torch, "_grouped_mm"):
+            # expert e's kept slots are 0 .. min(count_e, Cap) - 1: row = e's first row + slot
+            ends = counts.clamp(max=cap).cumsum(0)
+            row = ends[flat_experts[kept]] - counts.clamp(max=cap)[flat_experts[kept]] + slot[kept]
+            order = torch.empty_like(token_of).index_copy_(0, row, torch.arange(len(row), device=row.device))
+            expert_out = self.run_experts_grouped(tokens[token_of[order]], ends)  # rows in expert order
+            weighted = expert_out * gate_of[order].to(expert_out.dtype)
+            out = weighted.new_zeros(N, D).index_add(0, token_of[order], weighted)
+        else:
+            index = flat_experts[kept] * cap + slot[kept]  # row of the (E * Cap) buffer
+            buffer = tokens.new_zeros(E * cap, D).index_copy(0, index, tokens[token_of])
+            expert_out = self.run_experts(buffer.view(E, cap, D)).view(E * cap, D)
+            weighted = expert_out[index] * gate_of.to(expert_out.dtype)
+            out = weighted.new_zeros(N, D).index_add(0, token_of, weighted)
         served = torch.zeros(N, dtype=torch.bool, device=tokens.device)
         served[token_of] = True
         dropped = 1.0 - served.float().mean()
