@@ -51,7 +51,8 @@ class MoEConfig:
     """Switch's router jitter: in training the router's input is multiplied by uniform noise in [1 - eps, 1 + eps]."""
     grouped_mm: bool = True
     """``top1`` / ``top2`` on CPU: run the experts as grouped GEMMs (``torch._grouped_mm``) over exactly the kept
-    tokens; off (and on other devices) as ``bmm`` over a buffer padded to the capacity. Same result."""
+    tokens; off (and on other devices, and under ``torch.compile``) as ``bmm`` over a buffer padded to the
+    capacity. Same result."""
     second_expert_sampling: bool = True
     """``top2`` only: in training keep the second expert with probability 2 x its normalised gate (GShard); off
     keeps it always. Evaluation always keeps it."""

@@ -163,7 +163,9 @@ class MoE(nn.Module):
         kept = slot < cap  # (A,)
         token_of = torch.arange(N, device=tokens.device).repeat(k)[kept]  # (kept,)
         gate_of = gates.t().reshape(-1)[kept, None]  # (kept, 1)
-        if self.cfg.grouped_mm and tokens.device.type == "cpu" and hasattr(torch, "_grouped_mm"):
+        # under torch.compile the padded path: torch 2.13's fake kernel of _grouped_mm refuses fp32
+        grouped = self.cfg.grouped_mm and tokens.device.type == "cpu" and not torch.compiler.is_compiling()
+        if grouped and hasattr(torch, "_grouped_mm"):
             # expert e's kept slots are 0 .. min(count_e, Cap) - 1: row = e's first row + slot
             ends = counts.clamp(max=cap).cumsum(0)
             row = ends[flat_experts[kept]] - counts.clamp(max=cap)[flat_experts[kept]] + slot[kept]

@@ -267,3 +267,14 @@ def test_resume_reproduces_moe_losses_and_evaluate_reports_expert_stats(tmp_path
     result = evaluate_run(tmp_path / "full")
     assert [m["layer"] for m in result["moe"]] == [0, 1] and result["moe"][0]["dropped"] == 0
     assert "MoE layer 1" in format_table(result)
+
+
+@pytest.mark.slow
+def test_compiled_moe_model_matches_eager():
+    torch.manual_seed(0)
+    model = Transformer(moe_config(num_experts=4, router="top2", second_expert_sampling=False))
+    x = torch.randint(0, 256, (4, 32))
+    _, eager = model(x, x)
+    eager_aux = model.aux_loss()
+    _, compiled = torch.compile(model)(x, x)
+    assert torch.allclose(compiled, eager, atol=1e-4) and torch.allclose(model.aux_loss(), eager_aux, atol=1e-5)
