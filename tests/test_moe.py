@@ -269,6 +269,26 @@ def test_resume_reproduces_moe_losses_and_evaluate_reports_expert_stats(tmp_path
     assert "MoE layer 1" in format_table(result)
 
 
+def test_retrieval_run_with_moe_trains_evaluates_and_generates(tmp_path):
+    from test_retrieval_model import repeated_text_store
+
+    from knnformer.evaluate import load_run
+    from knnformer.generate import RetrievingGenerator
+    from knnformer.neighbours import open_retriever
+
+    store = repeated_text_store(tmp_path)
+    config = load_config("tiny", ["model.context=64", "train.steps=6", "train.eval_interval=3",
+                                  "train.checkpoint_interval=6", "retrieval.enabled=true", "model.ffn=moe",
+                                  "model.moe.num_experts=4", "model.moe.every=2"])
+    config.model.vocab_size = 256
+    train(tmp_path / "run", store, config)
+    result = evaluate_run(tmp_path / "run", "valid")
+    assert result["retrieval"] == "on" and [m["layer"] for m in result["moe"]] == [1]
+    model, record, _ = load_run(tmp_path / "run")
+    generator = RetrievingGenerator(model, open_retriever(store), k=2)
+    assert len(list(generator.sample(list(b"abc"), 20, seed=0))) == 20
+
+
 @pytest.mark.slow
 def test_compiled_moe_model_matches_eager():
     torch.manual_seed(0)
