@@ -124,6 +124,9 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
             bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: re-embedded and re-indexed in "
                       f"{row['refresh_seconds']:.1f} s (training paused), {row['refresh_changed']:.1%} of chunks "
                       f"got new neighbours, index recall@10 {row['refresh_recall']:.3f}")
+        if "moe" in row:  # MoE: the weighted auxiliary loss and the mean dropped-token share over its layers
+            postfix["aux"] = f"{row['aux_loss']:.4f}"
+            postfix["drop"] = f"{sum(m['dropped'] for m in row['moe']) / len(row['moe']):.1%}"
         if "valid_loss" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid loss {row['valid_loss']:.4f}  "
                       f"valid bits/byte {row['valid_bpb']:.4f}")

@@ -20,6 +20,7 @@ from knnformer.checkpoint import latest_checkpoint, load_checkpoint
 from knnformer.config import config_from_dict
 from knnformer.datastore import Datastore
 from knnformer.model import Transformer
+from knnformer.moe import StatsMeter
 from knnformer.trainer import autocast
 
 
@@ -267,8 +268,10 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     passes = [("on", nb_fn), ("off", None)] if use_retrieval else [("off", None)]
     overlaps = None if neighbours is None else split_overlaps(neighbours, tokens, split, k, continuation)
     result: dict[str, Any] = {}
+    meter = StatsMeter(model)
     for name, fn in passes:
         progress = progress_factory(len(tokens) - 1, f"retrieval {name}") if progress_factory else None
+        meter.reset()
         total = score_tokens(model, tokens, token_bytes, stride, batch_size, dtype, progress, fn,
                              per_token=overlaps is not None)
         figures = summarize(total, split, stride, context)
@@ -276,11 +279,14 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
             figures["filtered"] = filtered_figures(total["losses"], np.asarray(tokens[1:], dtype=np.int64),
                                                    token_bytes, overlaps, neighbours.chunk_size)
         figures["retrieval"] = name
+        if meter.layers:
+            figures["moe"] = meter.summary()
         if not result:
             result = figures
         else:
             result["retrieval_off"] = {key: figures[key] for key in ("loss", "bits_per_byte", "filtered")
                                        if key in figures}
+    meter.close()
     result["checkpoint"] = str(ckpt_path)
     result["step"] = int(Path(ckpt_path).name.split("-")[1])
     if neighbours is not None:
@@ -302,6 +308,11 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append((f"bits per byte, overlap <= {alpha}",
                      f"{fig['bits_per_byte']:.4f} ({fig['fraction']:.1%} of chunks)"
                      + (f"; retrieval off {off['bits_per_byte']:.4f}" if off else "")))
+    for layer in result.get("moe", []):
+        load = layer["load"]
+        rows.append((f"MoE layer {layer['layer']}", f"dropped {layer['dropped']:.2%}, balance loss "
+                     f"{layer['balance_loss']:.4f}, z-loss {layer['z_loss']:.3f}, expert load "
+                     f"{min(load):.3f}-{max(load):.3f} (uniform {1 / len(load):.3f})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
