@@ -158,7 +158,8 @@ def knn_lm(run: Path, splits: list[str]) -> dict:
         r = evaluate_knn_lm(run, split, threads=1)
         out[split] = {"bits_per_byte": r["bits_per_byte"], "loss": r["loss"], "lm_bits_per_byte": r["lm"]["bits_per_byte"],
                       "lm_loss": r["lm"]["loss"], "scored": r["scored"], "tuned_on": r["tuned_on"], "lambda": r["lambda"],
-                      "k": r["k"], "temperature": r["temperature"], "seconds": r["seconds"]}
+                      "k": r["k"], "temperature": r["temperature"], "seconds": r["seconds"],
+                      "filtered": r.get("filtered"), "lm_filtered": r["lm"].get("filtered")}
     return out
 
 
