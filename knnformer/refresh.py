@@ -135,6 +135,20 @@ def load_refresh(folder: str | Path, store: Datastore, layout: ChunkLayout) -> N
     return Neighbours(store, layout, ids, scores, info, vectors)
 
 
+def refresh_history(run_dir: str | Path, upto: int) -> list[dict]:
+    """What each refresh 1 .. ``upto`` of a run recorded about its index (read from the refresh manifests):
+    its step, index kind and recall@10 against exact search. A refresh whose manifest is gone is skipped."""
+    rows = []
+    for refresh_id in range(1, upto + 1):
+        path = refresh_folder(run_dir, refresh_id) / "manifest.json"
+        if not path.is_file():
+            continue
+        info = json.loads(path.read_text())
+        rows.append({"refresh": refresh_id, "step": info["step"], "index_kind": info["index_kind"],
+                     "recall_at_10": info["recall_at_10"], "recall_queries": info["recall_queries"]})
+    return rows
+
+
 def changed_share(before: Neighbours, after: Neighbours) -> float:
     """Share of chunks whose neighbour list changed (ids or order)."""
     return float(np.mean(np.any(np.asarray(before.ids) != np.asarray(after.ids), axis=1)))

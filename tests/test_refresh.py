@@ -129,6 +129,12 @@ def test_resume_after_a_refresh_reproduces_losses(tmp_path):
     assert record["refresh"] == {"id": 3, "step": 6, "folder": "refresh/refresh-0003"}
     result = evaluate_run(tmp_path / "full", "valid")
     assert result["neighbours"]["embedder"] == "learned"
+    # recall after each refresh, read back from the refresh manifests
+    assert [(r["refresh"], r["step"]) for r in result["refreshes"]] == [(1, 0), (2, 3), (3, 6)]
+    assert all(r["recall_at_10"] == next(x for x in rows if x.get("refresh") == r["refresh"])["refresh_recall"]
+               for r in result["refreshes"])
+    gain = result["neighbour_gain"]
+    assert gain["embedder"] == "learned" and gain["pairs"] > 0 and 0.0 <= gain["share_helped"] <= 1.0
 
 
 def test_inspect_shows_a_chunk_with_its_neighbours_before_and_after_refreshes(tmp_path, capsys):
