@@ -308,6 +308,13 @@ class Neighbours:
     info: dict
     vectors: np.ndarray | None = None
     """(num_chunks, d) the unit vectors the neighbours were searched with (for ``past``); None for bm25."""
+    folder: Path | None = None
+    """The folder holding ``info["file"]``: the datastore's, or a run's refresh folder (None: the datastore's)."""
+
+    @property
+    def ids_path(self) -> Path:
+        """The file the ids were read from (what identifies these neighbours)."""
+        return (self.folder or self.store.path) / self.info["file"]
 
     @property
     def k(self) -> int:

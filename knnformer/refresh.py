@@ -132,7 +132,7 @@ def load_refresh(folder: str | Path, store: Datastore, layout: ChunkLayout) -> N
             ids.shape != (layout.num_chunks, info["k"]) or info["chunk_size"] != layout.chunk_size:
         raise ValueError(f"the refreshed neighbours in {folder} do not fit datastore {store.path}; evaluate the "
                          f"run on the datastore it was trained on")
-    return Neighbours(store, layout, ids, scores, info, vectors)
+    return Neighbours(store, layout, ids, scores, info, vectors, folder)
 
 
 def refresh_history(run_dir: str | Path, upto: int) -> list[dict]:
