@@ -208,9 +208,12 @@ def cmd_generate(args) -> int:
     retrieving = None
     if rcfg["enabled"] and args.retrieval != "off" or args.show_neighbours or args.json:
         from knnformer.neighbours import open_retriever
+        from knnformer.refresh import open_run_retriever
 
         try:
-            retriever = open_retriever(store)
+            # a learned run that refreshed searches its own last refresh with its own retriever
+            retriever = (open_run_retriever(model, store, args.run, record) if rcfg["enabled"] else None) \
+                or open_retriever(store)
         except ValueError as e:
             if rcfg["enabled"] and args.retrieval != "off":
                 raise ValueError(f"this run retrieves while it generates: {e}; or pass --retrieval off") from None

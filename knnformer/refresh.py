@@ -149,6 +149,28 @@ def refresh_history(run_dir: str | Path, upto: int) -> list[dict]:
     return rows
 
 
+def open_run_retriever(model, store: Datastore, run_dir: str | Path, record: dict):
+    """Live retrieval for a learned run that has refreshed: the run's learned retriever embeds the query text
+    and an exact (flat) index over its last refresh's train vectors answers, so generation searches what
+    training last read. (The query is embedded with the checkpoint's weights, the keys with the weights of the
+    refresh, as training's queries were between refreshes.) Memory: the train vectors in float32. None when the run never refreshed (its neighbours are the datastore's: use
+    ``open_retriever``)."""
+    from knnformer.index import build_dense_index
+    from knnformer.neighbours import Retriever
+    from knnformer.retriever import LearnedEmbedder
+
+    refresh = record.get("refresh") or {}
+    if not refresh.get("id"):
+        return None
+    rcfg = record["config"]["retrieval"]
+    from knnformer.chunks import chunk_layout
+
+    nb = load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]))
+    index = build_dense_index(nb.vectors[: nb.layout.num_train], "flat")
+    return Retriever(store, nb.layout, index, LearnedEmbedder(model, store.tokenizer,
+                                                              f"learned:refresh-{refresh['id']}"))
+
+
 def changed_share(before: Neighbours, after: Neighbours) -> float:
     """Share of chunks whose neighbour list changed (ids or order)."""
     return float(np.mean(np.any(np.asarray(before.ids) != np.asarray(after.ids), axis=1)))
