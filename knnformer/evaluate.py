@@ -255,22 +255,24 @@ def open_run_datastore(record: dict[str, Any], override: str | None = None) -> D
     return datastore
 
 
-def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run_dir: str | Path | None = None):
+def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run_dir: str | Path | None = None,
+                   hops: int | None = None):
     """The datastore's neighbours as the run was trained with them (for a learned retriever, those of the run's
-    last refresh, in ``run_dir``); for a plain LM, whatever neighbours the datastore has (for the
-    overlap-filtered figures), or None."""
+    last refresh, in ``run_dir``; after ``hops`` hops, default the run's ``retrieval.hops``); for a plain LM,
+    whatever neighbours the datastore has (for the overlap-filtered figures), or None."""
     from knnformer.neighbours import load_neighbours
 
     rcfg = record["config"]["retrieval"]
+    hops = hops or rcfg.get("hops", 1)
     refresh = record.get("refresh") or {}
     if rcfg["enabled"] and refresh.get("id") and run_dir is not None:
         from knnformer.chunks import chunk_layout
         from knnformer.refresh import load_refresh
 
-        return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]))
+        return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]), hops)
     if rcfg["enabled"]:
         try:
-            return load_neighbours(store, rcfg["embedder"] or None, rcfg["chunk_size"])
+            return load_neighbours(store, rcfg["embedder"] or None, rcfg["chunk_size"], hops=hops)
         except ValueError as e:
             if required:
                 raise ValueError(f"this run was trained with retrieval and needs its datastore's neighbours: {e}; "
@@ -317,9 +319,14 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     dtype = record["config"]["train"]["dtype"]
     token_bytes = store.tokenizer.token_bytes
 
-    def nb_fn(begins, length):
-        nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation, past)
-        return nb, mask
+    def neighbour_fn(chosen) -> NeighbourFn:
+        def fn(begins, length):
+            nb, mask, _ = neighbour_inputs(chosen, split, begins, length, k, continuation, past)
+            return nb, mask
+
+        return fn
+
+    nb_fn = neighbour_fn(neighbours)
 
     passes = [("on", nb_fn), ("off", None)] if use_retrieval else [("off", None)]
     overlaps = None
@@ -347,6 +354,22 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
         else:
             result["retrieval_off"] = {key: figures[key] for key in ("loss", "bits_per_byte", "filtered")
                                        if key in figures}
+    if use_retrieval:  # the gain of the second hop: the same run scored with either hop's neighbours
+        hops = rcfg.get("hops", 1)
+        try:
+            other = run_neighbours(record, store, True, run_dir, hops=3 - hops)
+        except ValueError:
+            other = None  # the datastore (or refresh) holds one hop only
+        if other is not None:
+            total = score_tokens(model, tokens, token_bytes, stride, batch_size, dtype, None, neighbour_fn(other))
+            bpb = {hops: result["bits_per_byte"], 3 - hops: summarize(total, split, stride, context)["bits_per_byte"]}
+            result["second_hop"] = {
+                "trained_with_hops": hops, "bits_per_byte_hop1": bpb[1], "bits_per_byte_hop2": bpb[2],
+                "gain": bpb[1] - bpb[2],
+                "sign": "bits per byte with hop-1 neighbours minus with hop-2 neighbours: positive = the second "
+                        "hop helped",
+                **({"note": "this run trained on hop-1 neighbours; it reads hop-2 neighbours at evaluation only"}
+                   if hops == 1 else {})}
     if use_retrieval and gain_windows > 0:
         result["neighbour_gain"] = {"embedder": neighbours.info["embedder"],
                                     **neighbour_gain(model, tokens, nb_fn, gain_windows, dtype, batch_size)}
@@ -381,6 +404,11 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append((f"gain per neighbour ({gain['embedder']})",
                      f"{gain['mean_nats_per_token']:+.4f} nats/token, {gain['share_helped']:.1%} helped "
                      f"({gain['pairs']:,} neighbours in {gain['windows']} windows; + = lowered the loss)"))
+    hop = result.get("second_hop")
+    if hop:
+        rows.append(("gain of the second hop", f"{hop['gain']:+.4f} bits/byte (hop 1 {hop['bits_per_byte_hop1']:.4f}, "
+                                               f"hop 2 {hop['bits_per_byte_hop2']:.4f}; trained with "
+                                               f"{hop['trained_with_hops']} hop{'s' if hop['trained_with_hops'] > 1 else ''})"))
     for row in result.get("refreshes", []):
         rows.append((f"refresh {row['refresh']} (step {row['step']})",
                      f"{row['index_kind']} index recall@10 {row['recall_at_10']:.4f}"))
