@@ -103,6 +103,16 @@ def resolve_train_config(args, store, run_dir: Path):
     return config
 
 
+def write_events(bar, row: dict) -> None:
+    """Print the training events of a metrics row above the progress bar: Performer redraws, index refreshes."""
+    if row.get("redraw"):
+        bar.write(f"step {row['step']:>6}: drew new Performer random features")
+    if "refresh" in row:
+        bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: re-embedded and re-indexed in "
+                  f"{row['refresh_seconds']:.1f} s (training paused), {row['refresh_changed']:.1%} of chunks "
+                  f"got new neighbours, index recall@10 {row['refresh_recall']:.3f}")
+
+
 def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool = False) -> "object":
     from knnformer.trainer import train
 
@@ -118,12 +128,10 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
     def on_step(row):
         rates.append(row["tokens_per_s"])
         postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{sorted(rates[-50:])[len(rates[-50:]) // 2]:,.0f}"}
-        if row.get("redraw"):
-            bar.write(f"step {row['step']:>6}: drew new Performer random features")
-        if "refresh" in row:
-            bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: re-embedded and re-indexed in "
-                      f"{row['refresh_seconds']:.1f} s (training paused), {row['refresh_changed']:.1%} of chunks "
-                      f"got new neighbours, index recall@10 {row['refresh_recall']:.3f}")
+        write_events(bar, row)
+        if "moe" in row:  # MoE: the weighted auxiliary loss and the mean dropped-token share over its layers
+            postfix["aux"] = f"{row['aux_loss']:.4f}"
+            postfix["drop"] = f"{sum(m['dropped'] for m in row['moe']) / len(row['moe']):.1%}"
         if "valid_loss" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid loss {row['valid_loss']:.4f}  "
                       f"valid bits/byte {row['valid_bpb']:.4f}")
@@ -296,12 +304,7 @@ def cmd_lra(args) -> int:
     bar = tqdm(total=config.train.steps, unit="step", desc="training", disable=args.quiet, dynamic_ncols=True)
 
     def on_step(row):
-        if row.get("redraw"):
-            bar.write(f"step {row['step']:>6}: drew new Performer random features")
-        if "refresh" in row:
-            bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: re-embedded and re-indexed in "
-                      f"{row['refresh_seconds']:.1f} s (training paused), {row['refresh_changed']:.1%} of chunks "
-                      f"got new neighbours, index recall@10 {row['refresh_recall']:.3f}")
+        write_events(bar, row)
         if "valid_accuracy" in row:
             bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid accuracy {row['valid_accuracy']:.2%}")
         bar.set_postfix({"loss": f"{row['loss']:.3f}"}, refresh=False)

@@ -38,6 +38,62 @@ class PerformerConfig:
 
 
 @dataclass
+class MoEConfig:
+    """The Mixture-of-Experts feed-forward (used where ``model.ffn`` is ``moe``); see moe.py."""
+
+    num_experts: int = 8
+    """Experts per MoE layer (E)."""
+    router: Literal["top2", "top1", "expert_choice"] = "top2"
+    """``top2``: GShard (each token to its two best experts, the second kept with probability 2 x its normalised
+    gate in training); ``top1``: Switch; ``expert_choice``: each expert takes its best-scoring tokens of the batch
+    (Zhou et al. 2022; not causal: a token's experts depend on the other tokens of the batch, later ones too)."""
+    capacity_factor: float = 1.25
+    """Training capacity: each expert holds ceil(factor x k x tokens / E) tokens, with k = 1 (top1) or 2 (top2);
+    over capacity, a token's assignment is dropped and it passes through the residual. For ``expert_choice`` it is
+    the average number of experts per token: each expert takes ceil(factor x tokens / E)."""
+    eval_capacity_factor: float = 0.0
+    """Capacity at evaluation and generation; 0 means no token is dropped (top1 / top2: each expert takes every
+    token routed to it, so a token's output never depends on the rest of the batch) and, for ``expert_choice``,
+    the training factor."""
+    every: int = 1
+    """MoE in every ``every``-th block (the blocks i with i % every == every - 1); the others are dense. 2 is
+    GShard's and Switch's every other layer."""
+    expert_hidden: int = 0
+    """Hidden width of each expert's SwiGLU; 0 means the dense FFN's (``model.ffn_hidden``'s rule)."""
+    aux_loss_weight: float = 0.01
+    """Weight of GShard's load-balancing loss E x sum_e f_e P_e (f_e: share of tokens whose first choice is e,
+    P_e: mean router probability of e), added to the training loss for every MoE layer (not for ``expert_choice``,
+    balanced by construction)."""
+    z_loss_weight: float = 0.0
+    """Weight of the router z-loss (ST-MoE): mean squared logsumexp of the router logits."""
+    router_noise: float = 0.0
+    """Switch's router jitter: in training the router's input is multiplied by uniform noise in [1 - eps, 1 + eps]."""
+    grouped_mm: bool = True
+    """``top1`` / ``top2`` on CPU: run the experts as grouped GEMMs (``torch._grouped_mm``) over exactly the kept
+    tokens; off (and on other devices, and under ``torch.compile``) as ``bmm`` over a buffer padded to the
+    capacity. Same result."""
+    second_expert_sampling: bool = True
+    """``top2`` only: in training keep the second expert with probability 2 x its normalised gate (GShard); off
+    keeps it always. Evaluation always keeps it."""
+
+    def validate(self) -> None:
+        if self.num_experts <= 0:
+            raise ValueError(f"model.moe.num_experts must be positive, got {self.num_experts}")
+        if self.router == "top2" and self.num_experts < 2:
+            raise ValueError("model.moe.router=top2 needs model.moe.num_experts >= 2; use top1 for one expert")
+        if self.capacity_factor <= 0 or self.eval_capacity_factor < 0:
+            raise ValueError(f"model.moe.capacity_factor must be > 0 and model.moe.eval_capacity_factor >= 0 "
+                             f"(got {self.capacity_factor}, {self.eval_capacity_factor})")
+        if self.every <= 0 or self.expert_hidden < 0:
+            raise ValueError(f"model.moe.every must be positive and model.moe.expert_hidden >= 0 "
+                             f"(got {self.every}, {self.expert_hidden})")
+        if self.aux_loss_weight < 0 or self.z_loss_weight < 0:
+            raise ValueError("model.moe.aux_loss_weight and model.moe.z_loss_weight must be >= 0")
+        if not 0.0 <= self.router_noise < 1.0:
+            raise ValueError(f"model.moe.router_noise must be in [0, 1), got {self.router_noise}")
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 0
     """Size of the token vocabulary; 0 means "take it from the datastore's tokenizer"."""
@@ -66,11 +122,20 @@ class ModelConfig:
     causal: bool = True
     """Each position attends to itself and the positions before it (a decoder); False attends both ways (an
     encoder, such as the Long Range Arena classifier), which cannot generate."""
+    ffn: Literal["dense", "moe"] = "dense"
+    """Feed-forward of the blocks: one SwiGLU (``dense``) or a Mixture-of-Experts of SwiGLUs (``moe``, see
+    ``model.moe``)."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """The Mixture-of-Experts settings; read only when ``ffn`` is ``moe``."""
 
     def resolved_ffn_hidden(self) -> int:
         if self.ffn_hidden > 0:
             return self.ffn_hidden
         return 32 * -(-(8 * self.dim // 3) // 32)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) has a Mixture-of-Experts feed-forward."""
+        return self.ffn == "moe" and layer % self.moe.every == self.moe.every - 1
 
     def validate(self) -> None:
         for name in ("context", "num_layers", "num_heads", "dim"):
@@ -83,6 +148,10 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         self.performer.validate()
+        self.moe.validate()
+        if self.ffn == "moe" and self.moe.every > self.num_layers:
+            raise ValueError(f"model.moe.every ({self.moe.every}) leaves no MoE layer among "
+                             f"{self.num_layers} layers")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from knnformer.checkpoint import latest_checkpoint, load_checkpoint
 from knnformer.config import config_from_dict
 from knnformer.datastore import Datastore
 from knnformer.model import Transformer
+from knnformer.moe import StatsMeter
 from knnformer.trainer import autocast
 
 
@@ -130,11 +131,24 @@ def chunk_overlaps(tokens: np.ndarray, chunk_size: int, neighbour_fn) -> np.ndar
     return r
 
 
+def split_overlaps(neighbours, tokens: np.ndarray, split: str, k: int, continuation: bool) -> np.ndarray:
+    """``chunk_overlaps`` of a split against the neighbours that serve each of its chunks in the datastore."""
+    lo_chunk = neighbours.layout.split_chunks[split][0]
+    C = neighbours.chunk_size
+    R = 2 * C if continuation else C
+
+    def prev_fn(prev):
+        nb = neighbours.for_chunks(np.where(prev >= 0, lo_chunk + prev, -1), k)
+        return nb.tokens[..., :R], nb.mask[..., :R]
+
+    return chunk_overlaps(np.asarray(tokens), C, prev_fn)
+
+
 def filtered_figures(losses: np.ndarray, targets: np.ndarray, token_bytes: np.ndarray, overlaps: np.ndarray,
-                     chunk_size: int) -> dict[str, dict[str, float]]:
+                     chunk_size: int, first: int = 1) -> dict[str, dict[str, float]]:
     """Bits per byte over the chunks whose overlap ratio is at most alpha, and the share of chunks kept.
-    ``losses[p - 1]`` and ``targets[p - 1]`` belong to token p of the split, which lies in chunk p // C."""
-    chunk_of_target = (np.arange(len(losses)) + 1) // chunk_size
+    ``losses[i]`` and ``targets[i]`` belong to token p = first + i of the split, which lies in chunk p // C."""
+    chunk_of_target = (np.arange(len(losses)) + first) // chunk_size
     r = overlaps[chunk_of_target]
     nbytes = np.asarray(token_bytes)[targets]
     scored_chunks = np.unique(chunk_of_target)
@@ -329,19 +343,12 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     nb_fn = neighbour_fn(neighbours)
 
     passes = [("on", nb_fn), ("off", None)] if use_retrieval else [("off", None)]
-    overlaps = None
-    if neighbours is not None:
-        lo_chunk = neighbours.layout.split_chunks[split][0]
-
-        def prev_fn(prev):
-            nb = neighbours.for_chunks(np.where(prev >= 0, lo_chunk + prev, -1), k)
-            C = neighbours.chunk_size
-            return nb.tokens[..., : 2 * C if continuation else C], nb.mask[..., : 2 * C if continuation else C]
-
-        overlaps = chunk_overlaps(np.asarray(tokens), neighbours.chunk_size, prev_fn)
+    overlaps = None if neighbours is None else split_overlaps(neighbours, tokens, split, k, continuation)
     result: dict[str, Any] = {}
+    meter = StatsMeter(model)
     for name, fn in passes:
         progress = progress_factory(len(tokens) - 1, f"retrieval {name}") if progress_factory else None
+        meter.reset()
         total = score_tokens(model, tokens, token_bytes, stride, batch_size, dtype, progress, fn,
                              per_token=overlaps is not None)
         figures = summarize(total, split, stride, context)
@@ -349,11 +356,14 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
             figures["filtered"] = filtered_figures(total["losses"], np.asarray(tokens[1:], dtype=np.int64),
                                                    token_bytes, overlaps, neighbours.chunk_size)
         figures["retrieval"] = name
+        if meter.layers:
+            figures["moe"] = meter.summary()
         if not result:
             result = figures
         else:
             result["retrieval_off"] = {key: figures[key] for key in ("loss", "bits_per_byte", "filtered")
                                        if key in figures}
+    meter.close()
     if use_retrieval:  # the gain of the second hop: the same run scored with either hop's neighbours
         hops = rcfg.get("hops", 1)
         try:
@@ -412,6 +422,11 @@ def format_table(result: dict[str, Any]) -> str:
     for row in result.get("refreshes", []):
         rows.append((f"refresh {row['refresh']} (step {row['step']})",
                      f"{row['index_kind']} index recall@10 {row['recall_at_10']:.4f}"))
+    for layer in result.get("moe", []):
+        load = layer["load"]
+        rows.append((f"MoE layer {layer['layer']}", f"dropped {layer['dropped']:.2%}, balance loss "
+                     f"{layer['balance_loss']:.4f}, z-loss {layer['z_loss']:.3f}, expert load "
+                     f"{min(load):.3f}-{max(load):.3f} (uniform {1 / len(load):.3f})"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 
 from knnformer.checkpoint import file_sha256
 from knnformer.datastore import Datastore
-from knnformer.evaluate import NeighbourFn, load_run, open_run_datastore, run_neighbours, window_plan
+from knnformer.evaluate import (NeighbourFn, filtered_figures, load_run, open_run_datastore, run_neighbours,
+                                split_overlaps, window_plan)
 from knnformer.index import faiss_threads
 from knnformer.model import Transformer
 from knnformer.trainer import autocast
@@ -665,6 +666,18 @@ def _evaluate_knn_lm(run_dir, model, record, ckpt_path, split, datastore, batch_
     num_bytes = int(token_bytes[y_score].sum())
     with_knn = figures(float(-logp.sum()), len(y_score), num_bytes)
     lm_alone = figures(float(-np.sum(lm_score)), len(y_score), num_bytes)
+    # RETRO's overlap-filtered figures, with the chunks bucketed by the datastore's chunk neighbours (as evaluate
+    # buckets a plain LM), so a kNN-LM gain can be read beside the part of it that is copying
+    chunk_neighbours = run_neighbours(record, store, required=False, run_dir=run_dir)
+    if chunk_neighbours is not None:
+        rcfg = record["config"]["retrieval"]
+        kk = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else min(2, chunk_neighbours.k)
+        overlaps = split_overlaps(chunk_neighbours, store.require_split(split, 2), split, kk, rcfg["continuation"])
+        first = split_info["scored_targets"][0]
+        with_knn["filtered"] = filtered_figures(-logp.numpy(), y_score, token_bytes, overlaps,
+                                                chunk_neighbours.chunk_size, first)
+        lm_alone["filtered"] = filtered_figures(-np.asarray(lm_score), y_score, token_bytes, overlaps,
+                                                chunk_neighbours.chunk_size, first)
     index_info["recall_at_k"] = round(recall(search, xq_score, tuned["k"]), 4)
     if search.index is not None:
         index_info["nprobe"] = nprobe
@@ -694,6 +707,10 @@ def format_table(result: dict[str, Any]) -> str:
             ("kNN-LM loss", f"{r['loss']:.4f} (LM alone {r['lm']['loss']:.4f}, "
                             f"{(r['loss'] / r['lm']['loss'] - 1) * 100:+.1f}%)"),
             ("kNN-LM bits per byte", f"{r['bits_per_byte']:.4f} (LM alone {r['lm']['bits_per_byte']:.4f})"),
+            *([("kNN-LM, overlap <= 0.125", f"{r['filtered']['0.125']['bits_per_byte']:.4f} bits/byte (LM alone "
+                                               f"{r['lm']['filtered']['0.125']['bits_per_byte']:.4f}; "
+                                               f"{r['filtered']['0.125']['fraction']:.0%} of chunks)")]
+              if "filtered" in r else []),
             ("kNN-LM lambda, k, temp.", f"{r['lambda']:.2f}, {r['k']}, {r['temperature']:.4g}"),
             ("kNN-LM store", f"{r['store']['keys']:,} keys x {r['store']['dim']}, "
                              f"{r['store']['bytes'] / 2**20:.0f} MiB ({'reused' if r['store']['reused'] else 'built'})"),

@@ -255,7 +255,7 @@ class Classifier(nn.Module):
         config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.head = nn.Linear(config.dim, num_classes)
         cos, sin = rotary_tables(config.context, config.dim // config.num_heads, config.rope_theta)

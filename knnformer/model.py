@@ -6,6 +6,7 @@ Shape legend:
     B  batch            T  sequence length (<= context)     V  vocabulary
     D  model width      H  attention heads                  Dh head width (D / H)
     F  SwiGLU hidden width
+The Mixture-of-Experts feed-forward (``model.ffn: moe``) lives in moe.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from knnformer.config import ModelConfig, RetrievalConfig
 from knnformer.performer import FavorAttention, PerformerCache
+from knnformer.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -156,13 +158,19 @@ class SwiGLU(nn.Module):
         return F.dropout(self.down(F.silu(gate) * up), self.dropout, self.training)
 
 
+def make_ffn(config: ModelConfig, layer: int) -> nn.Module:
+    """The feed-forward of block ``layer``: SwiGLU, or a Mixture-of-Experts of SwiGLUs where ``model.ffn`` is
+    ``moe`` and ``model.moe.every`` puts one in this block."""
+    return MoE(config) if config.is_moe_layer(layer) else SwiGLU(config)
+
+
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = SelfAttention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.ffn = SwiGLU(config)
+        self.ffn = make_ffn(config, layer)
 
     def forward(self, x, cos, sin, cache=None, layer=0, key_mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, key_mask)
@@ -172,8 +180,9 @@ class Block(nn.Module):
 def init_weights(module: nn.Module, config: ModelConfig) -> None:
     """Normal(0, init_std) matrices, the residual projections scaled down by depth as in GPT-2."""
     for name, p in module.named_parameters():
-        if p.dim() == 2:
-            scale = math.sqrt(2 * config.num_layers) if name.endswith(("proj.weight", "down.weight")) else 1
+        if p.dim() == 2 or name.endswith(("experts_gate_up", "experts_down")):  # MoE experts: stacked (E, ., .)
+            residual = name.endswith(("proj.weight", "down.weight", "experts_down"))
+            scale = math.sqrt(2 * config.num_layers) if residual else 1
             nn.init.normal_(p, mean=0.0, std=config.init_std / scale)
 
 
@@ -185,7 +194,7 @@ class Transformer(nn.Module):
         config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         cos, sin = rotary_tables(config.context, config.dim // config.num_heads, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -243,10 +252,32 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def aux_loss(self) -> torch.Tensor | None:
+        """The weighted auxiliary losses of the MoE layers' last forward (the trainer adds them to the
+        cross-entropy, which ``forward`` returns alone so that every reported loss stays comparable); None for a
+        dense model."""
+        losses = [block.ffn.aux_loss for block in self.blocks
+                  if isinstance(block.ffn, MoE) and block.ffn.aux_loss is not None]
+        return sum(losses) if losses else None
+
+
+def ffn_active_params(config: ModelConfig, layer: int) -> float:
+    """Feed-forward weights each token multiplies by in block ``layer``: the dense SwiGLU's, or for an MoE the
+    router's plus k experts' (k = 1 for top1, 2 for top2, the capacity factor for expert choice; capacity padding
+    and dropped tokens not counted)."""
+    D = config.dim
+    if not config.is_moe_layer(layer):
+        return 3 * D * config.resolved_ffn_hidden()
+    moe = config.moe
+    k = {"top1": 1, "top2": 2}.get(moe.router, moe.capacity_factor)
+    return D * moe.num_experts + k * 3 * D * (moe.expert_hidden or config.resolved_ffn_hidden())
+
 
 def flops_per_token(config: ModelConfig) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), matmuls only, as in PaLM's MFU."""
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls only, as in PaLM's MFU; for MoE the
+    active FLOPs (see ``ffn_active_params``)."""
     D, L, T = config.dim, config.num_layers, config.context
-    matmul_params = L * (4 * D * D + 3 * D * config.resolved_ffn_hidden()) + config.vocab_size * D
+    ffn = sum(ffn_active_params(config, i) for i in range(L))
+    matmul_params = L * 4 * D * D + ffn + config.vocab_size * D
     attention = L * 2 * T * D  # QK^T and AV, causal half counted as full like PaLM
     return 6 * matmul_params + 6 * attention

@@ -1,5 +1,7 @@
 """The training loop: AdamW with warmup and cosine decay, gradient accumulation and clipping, optional bf16
 autocast and ``torch.compile``, periodic evaluation, atomic checkpoints, exact resume and a clean stop on Ctrl-C.
+For a Mixture-of-Experts model the weighted auxiliary losses join the cross-entropy in the backward pass, and
+each metrics line also holds ``aux_loss`` and, per MoE layer, the expert load and dropped-token share.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from knnformer.batches import WindowSampler
 from knnformer.model import Transformer
 from knnformer.performer import redraw_features
 from knnformer.refresh import changed_share, load_refresh, parse_schedule, refresh_due, refresh_folder, refresh_neighbours
+from knnformer.moe import StatsMeter
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +235,7 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
 
     step_model = torch.compile(model) if cfg.compile else model
     model.train()
+    meter = StatsMeter(model)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.context
 
     def checkpoint(step: int) -> None:
@@ -264,13 +268,16 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum, aux_sum = 0.0, 0.0
+            meter.reset()
             for _ in range(cfg.grad_accum):
                 batch = train_sampler.sample(cfg.batch_size, generator).to(device)
                 with autocast(cfg.dtype, device):
                     _, loss = step_model(batch.x, batch.y, **batch.model_inputs())
-                (loss / cfg.grad_accum).backward()
+                aux = model.aux_loss()
+                ((loss if aux is None else loss + aux) / cfg.grad_accum).backward()
                 loss_sum += loss.item()
+                aux_sum += 0.0 if aux is None else aux.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -284,6 +291,9 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
             if redrew:
                 row["redraw"] = True
             row.update(refreshed)
+            if meter.layers:
+                row["aux_loss"] = aux_sum / cfg.grad_accum
+                row["moe"] = meter.summary()
             if valid_sampler is not None and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps):
                 valid = estimate_loss(model, valid_sampler, token_bytes, cfg, device)
                 row.update(valid)
@@ -300,4 +310,5 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
                     checkpoint(step)
                 interrupted = True
                 break
+    meter.close()
     return TrainResult(step, interrupted, loss_value, valid)

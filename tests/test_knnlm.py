@@ -147,6 +147,23 @@ def test_test_split_is_tuned_on_valid(tmp_path):
         knn(tmp_path / "run", "train")
 
 
+def test_overlap_filtered_figures_come_with_the_datastores_chunk_neighbours(tmp_path):
+    from knnformer.neighbours import index_datastore
+
+    store = make_datastore(tmp_path, "bytes", num_docs=8)
+    train_tiny(tmp_path / "run", store, 2)
+    assert "filtered" not in knn(tmp_path / "run", k_max=8)  # no chunk neighbours: nothing to bucket by
+    index_datastore(store.path, "bytes-hash", k=2, chunk_size=16, exclude_window=64)
+    r = knn(tmp_path / "run", k_max=8)
+    for fig in (r, r["lm"]):  # alpha 1 keeps every chunk: the unfiltered figure
+        assert fig["filtered"]["1.0"]["fraction"] == 1.0
+        assert fig["filtered"]["1.0"]["bits_per_byte"] == pytest.approx(fig["bits_per_byte"], rel=1e-9)
+    low = r["filtered"]["0.125"]
+    from knnformer.knnlm import format_table
+    assert "overlap <= 0.125" in format_table(r)
+    assert 0 < low["fraction"] <= 1 and np.isfinite(low["bits_per_byte"])
+
+
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_approximate_search_against_exact(tmp_path, kind):
     rng = np.random.default_rng(0)

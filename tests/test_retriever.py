@@ -5,24 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from knnformer.config import ModelConfig, RetrievalConfig
-from knnformer.model import Transformer
-
-C, K = 8, 2
-
-
-def retro_model(seed: int = 0, **retrieval) -> Transformer:
-    torch.manual_seed(seed)
-    model_cfg = ModelConfig(vocab_size=256, context=32, num_layers=3, num_heads=2, dim=32)
-    rcfg = RetrievalConfig(enabled=True, chunk_size=C, num_neighbours=K, **retrieval)
-    rcfg.validate(model_cfg)
-    return Transformer(model_cfg, rcfg).eval()
-
-
-def random_neighbours(B: int, T: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 256, (B, T // C + 1, K, 2 * C), generator=g)
-    return ids, torch.ones(ids.shape, dtype=torch.bool)
+from test_retro import C, K, random_neighbours, retro_model  # noqa: F401  the same tiny RETRO model
 
 
 def test_lm_loss_alone_trains_the_retriever_through_the_relevance_bias():
