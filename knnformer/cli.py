@@ -189,7 +189,7 @@ def cmd_evaluate(args) -> int:
             table = knnlm.format_table(result)
         else:
             result = evaluate_run(args.run, args.split, args.stride, args.datastore, args.batch_size, factory,
-                                  args.retrieval)
+                                  args.retrieval, args.neighbour_gain)
             table = format_table(result)
     finally:
         for bar in bars:
@@ -216,9 +216,12 @@ def cmd_generate(args) -> int:
     retrieving = None
     if rcfg["enabled"] and args.retrieval != "off" or args.show_neighbours or args.json:
         from knnformer.neighbours import open_retriever
+        from knnformer.refresh import open_run_retriever
 
         try:
-            retriever = open_retriever(store)
+            # a learned run that refreshed searches its own last refresh with its own retriever
+            retriever = (open_run_retriever(model, store, args.run, record) if rcfg["enabled"] else None) \
+                or open_retriever(store)
         except ValueError as e:
             if rcfg["enabled"] and args.retrieval != "off":
                 raise ValueError(f"this run retrieves while it generates: {e}; or pass --retrieval off") from None
@@ -373,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--knn-lm", action="store_true",
                    help="interpolate with a kNN-LM over the run's train hidden states (lambda, k and temperature "
                         "tuned on data not scored: valid for test, valid's first half for its second)")
+    s.add_argument("--neighbour-gain", type=int, default=8, metavar="N",
+                   help="measure how much each neighbour lowered the loss of the chunk it served on N windows "
+                        "(one extra forward per neighbour and chunk; 0: skip; default 8)")
     s.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     s.set_defaults(func=cmd_evaluate)
 

@@ -48,6 +48,8 @@ def format_summary(path: str, section: dict, seconds: float) -> str:
                                                          if index["recall_queries"] else " (exact search)")),
         ("neighbours", f"k={nb['k']} per chunk in {nb['seconds']:.1f}s; excluded: {rules}"
                        + (f"; {nb['num_short_rows']:,} chunks short of k" if nb["num_short_rows"] else "")),
+        *([("second hop", f"in {section['neighbours_hop2']['seconds']:.1f}s; "
+                          f"{section['neighbours_hop2']['merge']}")] if "neighbours_hop2" in section else []),
         ("total", f"{seconds:.1f}s"),
     ]
     width = max(len(r[0]) for r in rows)
@@ -63,7 +65,7 @@ def cmd_index(args) -> int:
         section = index_datastore(args.datastore, embedder=args.embedder, index=args.index, k=args.k,
                                   chunk_size=args.chunk_size, exclude_window=args.exclude_window,
                                   memory_budget=int(args.memory_budget * (1 << 30)), force=args.force,
-                                  progress=bars)
+                                  progress=bars, hops=args.hops)
     finally:
         bars.close()
     print(f"indexed {args.datastore}")
@@ -86,6 +88,9 @@ def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                         f"context plus one chunk (default {DEFAULT_EXCLUDE_WINDOW})")
     s.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET / (1 << 30),
                    help="GiB the index may take; auto picks a smaller index kind above it (default 2)")
+    s.add_argument("--hops", type=int, default=1, choices=[1, 2],
+                   help="2: also the second hop's neighbours, searched with each chunk joined with its first "
+                        "neighbour (for retrieval.hops=2; see knnformer/hops.py)")
     s.add_argument("--force", action="store_true", help="recompute the embeddings even if the manifest says they match")
     s.set_defaults(func=cmd_index)
     return s

@@ -263,6 +263,11 @@ class RetrievalConfig:
     """Where neighbours come from: ``train`` (the train chunks' index), or ``train,past``: also the chunks of the
     query's own document that end before the window (exact search by the same embeddings), merged by score."""
 
+    hops: int = 1
+    """1: each chunk's neighbours are those of its own text. 2: multi-hop retrieval: a second search whose query
+    is the chunk joined with its first-hop top neighbour; the chunk gets that neighbour, then the second hop's
+    results (hops.py). Needs ``knnformer index --hops 2`` (a learned retriever's refreshes compute both hops)."""
+
     def resolved_sources(self) -> set[str]:
         names = {s.strip() for s in self.sources.split(",") if s.strip()}
         if not names or "train" not in names or names - {"train", "past"}:
@@ -305,6 +310,8 @@ class RetrievalConfig:
                              f"got {self.retriever_layer}")
         if self.retriever_dim < 0:
             raise ValueError(f"retrieval.retriever_dim must be >= 0 (0 = model.dim), got {self.retriever_dim}")
+        if self.hops not in (1, 2):
+            raise ValueError(f"retrieval.hops must be 1 or 2, got {self.hops}")
         if not 0.0 <= self.refresh_recall_floor <= 1.0:
             raise ValueError(f"retrieval.refresh_recall_floor must be in [0, 1], got {self.refresh_recall_floor}")
         if self.refresh or self.retriever_init == "scratch":

@@ -163,6 +163,69 @@ def filtered_figures(losses: np.ndarray, targets: np.ndarray, token_bytes: np.nd
     return out
 
 
+# ---------------------------------------------------------------- what each neighbour was worth
+
+def served_positions(slot: int, chunk_size: int, length: int) -> tuple[int, int]:
+    """The half-open range of window positions that neighbour slot ``slot`` serves (retro.py: slot s serves
+    positions s*C - 1 .. s*C + C - 2), clipped to a window of ``length`` tokens; empty when it serves none."""
+    lo, hi = min(length, max(0, slot * chunk_size - 1)), min(length, slot * chunk_size + chunk_size - 1)
+    return lo, max(lo, hi)
+
+
+def pair_gains(base: np.ndarray, masked: np.ndarray, slots: np.ndarray, chunk_size: int) -> np.ndarray:
+    """The gain of each (slot, neighbour) pair of one window: the mean loss over the positions its slot serves
+    with that neighbour masked out (``masked`` (P, n), one row per pair) minus the mean loss there with every
+    neighbour (``base`` (n,)). Positive: the neighbour lowered the loss of the chunk it served."""
+    out = np.empty(len(slots), dtype=np.float64)
+    for i, s in enumerate(slots):
+        lo, hi = served_positions(int(s), chunk_size, len(base))
+        out[i] = masked[i, lo:hi].astype(np.float64).mean() - base[lo:hi].astype(np.float64).mean()
+    return out
+
+
+@torch.no_grad()
+def neighbour_gain(model: Transformer, tokens: np.ndarray, neighbours: NeighbourFn, num_windows: int,
+                   dtype: str = "float32", batch_size: int = 32) -> dict[str, Any]:
+    """How much each served neighbour lowered the loss of the chunk it served, on ``num_windows`` consecutive
+    full windows spread evenly over ``tokens`` (each costs one forward per served neighbour, so the sample is
+    bounded). A pair is (slot, neighbour) with at least one real token; its gain is ``pair_gains``': loss in
+    nats per token over the slot's served positions without that one neighbour minus with all of them
+    (positive = it helped). Only the served positions count: a neighbour's later effect through self-attention
+    over those positions is left out. Returns the mean gain over pairs, the share with gain > 0, and counts."""
+    context, C = model.config.context, model.retrieval.chunk_size
+    model.eval()
+    device = next(model.parameters()).device
+    num_full = (len(tokens) - 1) // context
+    chosen = np.unique(np.linspace(0, num_full - 1, min(num_windows, num_full)).round().astype(np.int64))
+    gains = []
+    for begin in chosen * context:
+        rows = torch.from_numpy(np.asarray(tokens[begin : begin + context + 1]).astype(np.int64))[None]
+        x, y = rows[:, :-1], rows[:, 1:]
+        nb, mask = neighbours(np.array([begin]), context)  # (1, S, K, R)
+        S, K = mask.shape[1:3]
+        serving = [s for s in range(S) if len(range(*served_positions(s, C, context)))]
+        pairs = [(s, j) for s in serving for j in range(K) if bool(mask[0, s, j].any())]
+        masks = mask.repeat(1 + len(pairs), 1, 1, 1)
+        for i, (s, j) in enumerate(pairs):
+            masks[1 + i, s, j] = False
+        losses = []
+        for b in range(0, len(masks), batch_size):
+            m = masks[b : b + batch_size]
+            with autocast(dtype, device):
+                logits, _ = model(x.expand(len(m), -1).to(device), neighbours=nb.expand(len(m), -1, -1, -1).to(device),
+                                  neighbour_mask=m.to(device))
+            losses.append(F.cross_entropy(logits.float().transpose(1, 2), y.expand(len(m), -1).to(device),
+                                          reduction="none").cpu().numpy())
+        losses = np.concatenate(losses)
+        gains.append(pair_gains(losses[0], losses[1:], np.array([s for s, _ in pairs], dtype=np.int64), C))
+    gains = np.concatenate(gains) if gains else np.zeros(0)
+    return {"mean_nats_per_token": float(gains.mean()) if len(gains) else float("nan"),
+            "share_helped": float((gains > 0).mean()) if len(gains) else float("nan"),
+            "pairs": int(len(gains)), "windows": int(len(chosen)),
+            "sign": "loss without the neighbour minus loss with it, over the positions it serves: "
+                    "positive = the neighbour lowered the loss"}
+
+
 def summarize(total: dict[str, Any], split: str, stride: int, context: int) -> dict[str, Any]:
     loss = total["nll"] / max(1, total["tokens"])
     return {
@@ -206,22 +269,24 @@ def open_run_datastore(record: dict[str, Any], override: str | None = None) -> D
     return datastore
 
 
-def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run_dir: str | Path | None = None):
+def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run_dir: str | Path | None = None,
+                   hops: int | None = None):
     """The datastore's neighbours as the run was trained with them (for a learned retriever, those of the run's
-    last refresh, in ``run_dir``); for a plain LM, whatever neighbours the datastore has (for the
-    overlap-filtered figures), or None."""
+    last refresh, in ``run_dir``; after ``hops`` hops, default the run's ``retrieval.hops``); for a plain LM,
+    whatever neighbours the datastore has (for the overlap-filtered figures), or None."""
     from knnformer.neighbours import load_neighbours
 
     rcfg = record["config"]["retrieval"]
+    hops = hops or rcfg.get("hops", 1)
     refresh = record.get("refresh") or {}
     if rcfg["enabled"] and refresh.get("id") and run_dir is not None:
         from knnformer.chunks import chunk_layout
         from knnformer.refresh import load_refresh
 
-        return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]))
+        return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]), hops)
     if rcfg["enabled"]:
         try:
-            return load_neighbours(store, rcfg["embedder"] or None, rcfg["chunk_size"])
+            return load_neighbours(store, rcfg["embedder"] or None, rcfg["chunk_size"], hops=hops)
         except ValueError as e:
             if required:
                 raise ValueError(f"this run was trained with retrieval and needs its datastore's neighbours: {e}; "
@@ -233,11 +298,18 @@ def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run
         return None
 
 
+DEFAULT_GAIN_WINDOWS = 8
+"""Windows ``evaluate`` measures each neighbour's gain on (``neighbour_gain``); each costs S*K extra forwards."""
+
+
 def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None = None, datastore: str | None = None,
-                 batch_size: int = 32, progress_factory=None, retrieval: str = "auto") -> dict[str, Any]:
+                 batch_size: int = 32, progress_factory=None, retrieval: str = "auto",
+                 gain_windows: int = DEFAULT_GAIN_WINDOWS) -> dict[str, Any]:
     """Score a split. ``retrieval``: ``on`` (the run must be a retrieval model), ``off`` (run as a plain LM) or
     ``auto`` (on for a retrieval run). With retrieval on, the figures with retrieval off come along, and with
-    any neighbours in the datastore, RETRO's overlap-filtered bits per byte."""
+    any neighbours in the datastore, RETRO's overlap-filtered bits per byte. With retrieval on and
+    ``gain_windows`` > 0, ``neighbour_gain`` says what each served neighbour was worth (see ``neighbour_gain``);
+    for a run with a learned retriever, ``refreshes`` lists each refresh's index recall."""
     from knnformer.batches import neighbour_inputs
 
     model, record, ckpt_path = load_run(run_dir)
@@ -261,9 +333,14 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     dtype = record["config"]["train"]["dtype"]
     token_bytes = store.tokenizer.token_bytes
 
-    def nb_fn(begins, length):
-        nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation, past)
-        return nb, mask
+    def neighbour_fn(chosen) -> NeighbourFn:
+        def fn(begins, length):
+            nb, mask, _ = neighbour_inputs(chosen, split, begins, length, k, continuation, past)
+            return nb, mask
+
+        return fn
+
+    nb_fn = neighbour_fn(neighbours)
 
     passes = [("on", nb_fn), ("off", None)] if use_retrieval else [("off", None)]
     overlaps = None if neighbours is None else split_overlaps(neighbours, tokens, split, k, continuation)
@@ -287,6 +364,30 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
             result["retrieval_off"] = {key: figures[key] for key in ("loss", "bits_per_byte", "filtered")
                                        if key in figures}
     meter.close()
+    if use_retrieval:  # the gain of the second hop: the same run scored with either hop's neighbours
+        hops = rcfg.get("hops", 1)
+        try:
+            other = run_neighbours(record, store, True, run_dir, hops=3 - hops)
+        except ValueError:
+            other = None  # the datastore (or refresh) holds one hop only
+        if other is not None:
+            total = score_tokens(model, tokens, token_bytes, stride, batch_size, dtype, None, neighbour_fn(other))
+            bpb = {hops: result["bits_per_byte"], 3 - hops: summarize(total, split, stride, context)["bits_per_byte"]}
+            result["second_hop"] = {
+                "trained_with_hops": hops, "bits_per_byte_hop1": bpb[1], "bits_per_byte_hop2": bpb[2],
+                "gain": bpb[1] - bpb[2],
+                "sign": "bits per byte with hop-1 neighbours minus with hop-2 neighbours: positive = the second "
+                        "hop helped",
+                **({"note": "this run trained on hop-1 neighbours; it reads hop-2 neighbours at evaluation only"}
+                   if hops == 1 else {})}
+    if use_retrieval and gain_windows > 0:
+        result["neighbour_gain"] = {"embedder": neighbours.info["embedder"],
+                                    **neighbour_gain(model, tokens, nb_fn, gain_windows, dtype, batch_size)}
+    refresh = record.get("refresh") or {}
+    if refresh.get("id"):
+        from knnformer.refresh import refresh_history
+
+        result["refreshes"] = refresh_history(run_dir, refresh["id"])
     result["checkpoint"] = str(ckpt_path)
     result["step"] = int(Path(ckpt_path).name.split("-")[1])
     if neighbours is not None:
@@ -308,6 +409,19 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append((f"bits per byte, overlap <= {alpha}",
                      f"{fig['bits_per_byte']:.4f} ({fig['fraction']:.1%} of chunks)"
                      + (f"; retrieval off {off['bits_per_byte']:.4f}" if off else "")))
+    gain = result.get("neighbour_gain")
+    if gain and gain["pairs"]:
+        rows.append((f"gain per neighbour ({gain['embedder']})",
+                     f"{gain['mean_nats_per_token']:+.4f} nats/token, {gain['share_helped']:.1%} helped "
+                     f"({gain['pairs']:,} neighbours in {gain['windows']} windows; + = lowered the loss)"))
+    hop = result.get("second_hop")
+    if hop:
+        rows.append(("gain of the second hop", f"{hop['gain']:+.4f} bits/byte (hop 1 {hop['bits_per_byte_hop1']:.4f}, "
+                                               f"hop 2 {hop['bits_per_byte_hop2']:.4f}; trained with "
+                                               f"{hop['trained_with_hops']} hop{'s' if hop['trained_with_hops'] > 1 else ''})"))
+    for row in result.get("refreshes", []):
+        rows.append((f"refresh {row['refresh']} (step {row['step']})",
+                     f"{row['index_kind']} index recall@10 {row['recall_at_10']:.4f}"))
     for layer in result.get("moe", []):
         load = layer["load"]
         rows.append((f"MoE layer {layer['layer']}", f"dropped {layer['dropped']:.2%}, balance loss "

@@ -523,9 +523,11 @@ def figures(nll: float, num_tokens: int, num_bytes: int) -> dict[str, float]:
 
 # ---------------------------------------------------------------- the evaluation
 
-def _retrieval_inputs(record: dict, store: Datastore, retrieval: str):
+def _retrieval_inputs(record: dict, store: Datastore, retrieval: str, run_dir: str | Path | None = None):
     """For a retrieval run with retrieval on: a function ``split -> NeighbourFn`` giving the model the
-    neighbours ``evaluate`` gives it, and what identifies them; for a plain LM (or retrieval off): None, None."""
+    neighbours ``evaluate`` gives it (for a learned retriever, those of the run's last refresh in ``run_dir``;
+    with ``retrieval.sources=train,past``, merged with the document's past), and what identifies them; for a
+    plain LM (or retrieval off): None, None."""
     from knnformer.batches import neighbour_inputs
 
     if retrieval not in ("auto", "on", "off"):
@@ -535,14 +537,17 @@ def _retrieval_inputs(record: dict, store: Datastore, retrieval: str):
         raise ValueError("this run was trained without retrieval; evaluate it with --retrieval off")
     if not rcfg["enabled"] or retrieval == "off":
         return None, None
-    neighbours = run_neighbours(record, store, required=True)
+    neighbours = run_neighbours(record, store, required=True, run_dir=run_dir)
     k, continuation = rcfg["eval_neighbours"] or rcfg["num_neighbours"], rcfg["continuation"]
+    past = "past" in rcfg.get("sources", "train")
     identity = {"embedder": neighbours.info["embedder_fingerprint"], "chunk_size": neighbours.chunk_size, "k": k,
-                "continuation": continuation, "neighbours_sha256": file_sha256(store.path / neighbours.info["file"])}
+                "continuation": continuation, "neighbours_sha256": file_sha256(neighbours.ids_path)}
+    if past:  # stores built before ``past`` existed keep their identity
+        identity["past"] = True
 
     def for_split(split: str) -> NeighbourFn:
         def fn(begins: np.ndarray, length: int):
-            nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation)
+            nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation, past)
             return nb, mask
 
         return fn
@@ -585,7 +590,7 @@ def evaluate_knn_lm(run_dir: str | Path, split: str = "valid", datastore: str | 
 def _evaluate_knn_lm(run_dir, model, record, ckpt_path, split, datastore, batch_size, progress_factory, retrieval,
                      k_max, index, nprobe, memory_budget, lam, k, temperature, force, t_start) -> dict[str, Any]:
     store = open_run_datastore(record, datastore)
-    nb_for, nb_identity = _retrieval_inputs(record, store, retrieval)
+    nb_for, nb_identity = _retrieval_inputs(record, store, retrieval, run_dir)
     dtype = record["config"]["train"]["dtype"]
     context = model.config.context
     token_bytes = np.asarray(store.tokenizer.token_bytes)

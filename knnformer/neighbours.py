@@ -207,9 +207,10 @@ def dense_neighbours(layout: ChunkLayout, vectors: np.ndarray, k: int, exclude_w
 def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: str = "auto", k: int = DEFAULT_K,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, exclude_window: int = DEFAULT_EXCLUDE_WINDOW,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, force: bool = False, seed: int = 0,
-                    progress: Progress = _no_progress) -> dict:
+                    progress: Progress = _no_progress, hops: int = 1) -> dict:
     """Chunk, embed, index and precompute neighbours for the datastore at ``path``; returns the manifest's
-    ``retrieval`` section. Embeddings are reused when the manifest matches (``force`` recomputes them)."""
+    ``retrieval`` section. Embeddings are reused when the manifest matches (``force`` recomputes them). With
+    ``hops=2`` the second hop's neighbours are computed too and written beside the first's (see hops.py)."""
     store = Datastore.open(path)
     layout = chunk_layout(store, chunk_size)
     if layout.num_train == 0:
@@ -222,7 +223,11 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
         raise ValueError(f"--exclude-window must be >= 0, got {exclude_window}")
     if index not in INDEX_KINDS:
         raise ValueError(f"unknown --index {index!r}; pick one of {', '.join(INDEX_KINDS)}")
+    if hops not in (1, 2):
+        raise ValueError(f"--hops must be 1 or 2, got {hops}")
     emb = make_embedder(embedder)
+    from knnformer.hops import HOP2_FILE, HOP2_SCORES_FILE, second_hop, second_hop_texts
+
     tok_fp = store.manifest["tokenizer"]["fingerprint"]
     train_ids = np.arange(layout.num_train)
     t0 = time.perf_counter()
@@ -243,6 +248,11 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
         ids, scores, num_short = compute_neighbours(layout, search, k, exclude_window, not single,
                                                     progress=progress("neighbours", layout.num_chunks))
         neighbours_s = time.perf_counter() - t1
+
+        def search_hop2(q: np.ndarray, kk: int) -> SearchResult:
+            return built.search(second_hop_texts(store, layout, q, ids[q, 0]), kk)
+
+        exact_hop2 = None
     else:
         vectors, reused = chunks_to_embeddings(store, layout, emb, force, progress=progress("embedding", layout.num_chunks))
         kind = choose_index_kind(layout.num_train, emb.dim, memory_budget) if index == "auto" else index
@@ -250,15 +260,33 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
         built, ids, scores, num_short = dense.index, dense.ids, dense.scores, dense.num_short
         recall, recall_queries, build_s, neighbours_s = (dense.recall, dense.recall_queries, dense.build_seconds,
                                                          dense.neighbours_seconds)
+        if hops == 2:  # the second hop's query vectors, every chunk's (float32 in memory)
+            first = ids[:, 0]
+            joined = np.concatenate([emb.embed(second_hop_texts(store, layout, q, first[q])) for q in
+                                     np.array_split(np.arange(layout.num_chunks), -(-layout.num_chunks // 1024))])
+
+            def search_hop2(q: np.ndarray, kk: int) -> SearchResult:
+                return built.search(joined[q], kk)
+
+            def exact_hop2(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, kk: int) -> SearchResult:
+                return exact_search_excluding(vectors[: layout.num_train], joined[q], kk, lo, hi)
     if num_short:
         logger.warning("%d chunks have fewer than %d allowed neighbours (padded with -1)", num_short, k)
+    hop2 = None
+    if hops == 2:
+        t2 = time.perf_counter()
+        hop2 = second_hop(layout, ids, scores, search_hop2, k, exclude_window, not single, exact_hop2)
+        hop2_s = time.perf_counter() - t2
 
     # all computed: now replace the files and the manifest entries, the entries last
     index_file = BM25_INDEX_DIR if emb.sparse else DENSE_INDEX_FILE
-    update_retrieval_manifest(store.path, drop=("index", "neighbours"))
+    update_retrieval_manifest(store.path, drop=("index", "neighbours", "neighbours_hop2"))
     built.save(store.path / index_file)
     _save_npy(store.path / NEIGHBOURS_FILE, ids)
     _save_npy(store.path / SCORES_FILE, scores)
+    if hop2 is not None:
+        _save_npy(store.path / HOP2_FILE, hop2[0])
+        _save_npy(store.path / HOP2_SCORES_FILE, hop2[1])
     other = store.path / (DENSE_INDEX_FILE if emb.sparse else BM25_INDEX_DIR)
     if other.is_dir():
         import shutil
@@ -278,7 +306,10 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
         "neighbours": {**common, "file": NEIGHBOURS_FILE, "scores_file": SCORES_FILE, "k": k,
                        "num_chunks": layout.num_chunks, "index_kind": kind, "exclude_window": exclude_window,
                        "exclude_same_document": not single, "num_short_rows": num_short,
-                       "seconds": round(neighbours_s, 3)},
+                       "seconds": round(neighbours_s, 3), "hops": 1},
+        **({"neighbours_hop2": {"file": HOP2_FILE, "scores_file": HOP2_SCORES_FILE, "hops": 2,
+                                "merge": "first hop's top neighbour, then the second hop's results",
+                                "num_short_rows": hop2[2], "seconds": round(hop2_s, 3)}} if hop2 else {}),
     })
 
 
@@ -308,6 +339,13 @@ class Neighbours:
     info: dict
     vectors: np.ndarray | None = None
     """(num_chunks, d) the unit vectors the neighbours were searched with (for ``past``); None for bm25."""
+    folder: Path | None = None
+    """The folder holding ``info["file"]``: the datastore's, or a run's refresh folder (None: the datastore's)."""
+
+    @property
+    def ids_path(self) -> Path:
+        """The file the ids were read from (what identifies these neighbours)."""
+        return (self.folder or self.store.path) / self.info["file"]
 
     @property
     def k(self) -> int:
@@ -410,16 +448,22 @@ def neighbour_tokens(store: Datastore, layout: ChunkLayout, nid: np.ndarray, pad
 
 
 def load_neighbours(datastore: str | Path | Datastore, expected_embedder: str | None = None,
-                    chunk_size: int | None = None, context: int | None = None) -> Neighbours:
-    """Open a datastore's precomputed neighbours, refusing them (ValueError naming the fix) when they were built
-    with another embedder (name or fingerprint), tokenizer or chunk size, for another state of the datastore, or
-    with an ``exclude_window`` shorter than ``context`` plus one chunk (a training window could then see a
-    neighbour taken from inside itself)."""
+                    chunk_size: int | None = None, context: int | None = None, hops: int = 1) -> Neighbours:
+    """Open a datastore's precomputed neighbours (those after the second hop for ``hops=2``), refusing them
+    (ValueError naming the fix) when they were built with another embedder (name or fingerprint), tokenizer or
+    chunk size, for another state of the datastore, or with an ``exclude_window`` shorter than ``context`` plus
+    one chunk (a training window could then see a neighbour taken from inside itself)."""
     store = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
     info = read_retrieval_manifest(store.path).get("neighbours")
     fix = f"`knnformer index {store.path}"
     if info is None:
         raise ValueError(f"{store.path} has no neighbours; build them with {fix}`")
+    if hops == 2:
+        hop2 = read_retrieval_manifest(store.path).get("neighbours_hop2")
+        if hop2 is None:
+            raise ValueError(f"{store.path} has no second-hop neighbours (retrieval.hops=2); build them with "
+                             f"{fix} --embedder {info['embedder']} --hops 2`")
+        info = {**info, **hop2}
     if info["tokenizer_fingerprint"] != store.manifest["tokenizer"]["fingerprint"]:
         raise ValueError(f"the neighbours in {store.path} were built with another tokenizer; rebuild with {fix} --force`")
     if expected_embedder is not None and expected_embedder not in (info["embedder"], info["embedder_fingerprint"]):

@@ -30,6 +30,7 @@ import numpy as np
 
 from knnformer.chunks import ChunkLayout
 from knnformer.datastore import Datastore
+from knnformer.hops import HOP2_FILE, HOP2_SCORES_FILE
 from knnformer.index import choose_index_kind
 from knnformer.neighbours import NEIGHBOURS_FILE, SCORES_FILE, Neighbours, Progress, _no_progress, dense_neighbours
 from knnformer.retriever import embed_all_chunks
@@ -76,10 +77,12 @@ def refresh_folder(run_dir: str | Path, refresh_id: int) -> Path:
 
 def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id: int, step: int,
                        index: str = "auto", recall_floor: float = 0.0, seed: int = 0,
-                       progress: Progress = _no_progress) -> Neighbours:
+                       progress: Progress = _no_progress, hops: int = 1) -> Neighbours:
     """Embed every chunk of ``base``'s datastore with ``model``'s learned retriever, index the train chunks, compute
     every chunk's neighbours under ``base``'s leakage rules (its ``exclude_window`` and document rule) and write
-    refresh ``refresh_id`` of the run; returns the new neighbours (as many per chunk as ``base`` holds)."""
+    refresh ``refresh_id`` of the run; returns the new neighbours (as many per chunk as ``base`` holds). With
+    ``hops=2`` the second hop's too (its query: the retriever's embedding of the chunk's tokens joined with its
+    first neighbour's, see hops.py), and those are returned."""
     store, layout = base.store, base.layout
     t0 = time.perf_counter()
     vectors = embed_all_chunks(model, store.tokens, layout.starts, layout.ends,
@@ -88,6 +91,21 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
     kind = choose_index_kind(layout.num_train, vectors.shape[1]) if index == "auto" else index
     dense = dense_neighbours(layout, vectors, base.k, base.info["exclude_window"],
                              base.info["exclude_same_document"], kind, seed, progress, recall_floor)
+    hop2 = None
+    if hops == 2:
+        from knnformer.hops import second_hop, second_hop_tokens
+        from knnformer.index import exact_search_excluding
+        from knnformer.retriever import embed_token_rows
+
+        if 2 * layout.chunk_size > model.config.context:
+            raise ValueError(f"retrieval.hops=2 with a learned retriever embeds two chunks ({2 * layout.chunk_size} "
+                             f"tokens) at once, more than the context {model.config.context}; use hops=1")
+        q = np.arange(layout.num_chunks)
+        joined = embed_token_rows(model, *second_hop_tokens(store, layout, q, np.asarray(dense.ids)[:, 0]))
+        xb = vectors[: layout.num_train]
+        hop2 = second_hop(layout, dense.ids, dense.scores, lambda ids, kk: dense.index.search(joined[ids], kk),
+                          base.k, base.info["exclude_window"], base.info["exclude_same_document"],
+                          lambda ids, lo, hi, kk: exact_search_excluding(xb, joined[ids], kk, lo, hi))
     info = {**{key: base.info[key] for key in ("tokenizer_fingerprint", "chunk_size", "exclude_window",
                                                "exclude_same_document")},
             "embedder": "learned", "embedder_fingerprint": f"learned:refresh-{refresh_id}",
@@ -96,7 +114,8 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
             "num_short_rows": dense.num_short, "refresh": refresh_id, "step": step,
             "recall_at_10": round(dense.recall, 4), "recall_queries": dense.recall_queries,
             "recall_floor": recall_floor, "embed_seconds": round(embed_s, 3),
-            "index_seconds": round(dense.build_seconds, 3), "neighbours_seconds": round(dense.neighbours_seconds, 3)}
+            "index_seconds": round(dense.build_seconds, 3), "neighbours_seconds": round(dense.neighbours_seconds, 3),
+            "hops": hops}
     final = refresh_folder(run_dir, refresh_id)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
@@ -106,6 +125,9 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
         np.save(tmp / NEIGHBOURS_FILE, dense.ids)
         np.save(tmp / SCORES_FILE, dense.scores)
         np.save(tmp / VECTORS_FILE, vectors.astype(np.float16))
+        if hop2 is not None:
+            np.save(tmp / HOP2_FILE, hop2[0])
+            np.save(tmp / HOP2_SCORES_FILE, hop2[1])
         (tmp / "manifest.json").write_text(json.dumps(info, indent=2))
         if final.exists():  # a resumed run redoing a refresh: the same weights wrote the same neighbours
             shutil.rmtree(final)
@@ -114,25 +136,68 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("refresh %d at step %d: %.2f s (embedding %.2f s), recall@10 %.3f", refresh_id, step,
                 time.perf_counter() - t0, embed_s, dense.recall)
-    return load_refresh(final, store, layout)
+    return load_refresh(final, store, layout, hops)
 
 
-def load_refresh(folder: str | Path, store: Datastore, layout: ChunkLayout) -> Neighbours:
-    """The neighbours a refresh wrote to ``folder`` (memory-mapped), refused if they do not fit the datastore."""
+def load_refresh(folder: str | Path, store: Datastore, layout: ChunkLayout, hops: int = 1) -> Neighbours:
+    """The neighbours a refresh wrote to ``folder`` (memory-mapped; after the second hop for ``hops=2``), refused
+    if they do not fit the datastore or the refresh computed fewer hops."""
     folder = Path(folder)
+    info = {}
     try:
         info = json.loads((folder / "manifest.json").read_text())
+        if hops == 2 and info.get("hops", 1) == 2:
+            info = {**info, "file": HOP2_FILE, "scores_file": HOP2_SCORES_FILE}
         ids = np.load(folder / info["file"], mmap_mode="r")
         scores = np.load(folder / info["scores_file"], mmap_mode="r")
         vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"the refreshed neighbours in {folder} are unreadable ({e}); resume from a checkpoint "
                          f"before that refresh, or retrain") from None
+    if hops == 2 and info.get("hops", 1) < 2:
+        raise ValueError(f"the refresh in {folder} computed one hop only, not the second (retrieval.hops=2); "
+                         f"evaluate with the run's own config, or retrain with retrieval.hops=2")
     if info["tokenizer_fingerprint"] != store.manifest["tokenizer"]["fingerprint"] or \
             ids.shape != (layout.num_chunks, info["k"]) or info["chunk_size"] != layout.chunk_size:
         raise ValueError(f"the refreshed neighbours in {folder} do not fit datastore {store.path}; evaluate the "
                          f"run on the datastore it was trained on")
-    return Neighbours(store, layout, ids, scores, info, vectors)
+    return Neighbours(store, layout, ids, scores, info, vectors, folder)
+
+
+def refresh_history(run_dir: str | Path, upto: int) -> list[dict]:
+    """What each refresh 1 .. ``upto`` of a run recorded about its index (read from the refresh manifests):
+    its step, index kind and recall@10 against exact search. A refresh whose manifest is gone is skipped."""
+    rows = []
+    for refresh_id in range(1, upto + 1):
+        path = refresh_folder(run_dir, refresh_id) / "manifest.json"
+        if not path.is_file():
+            continue
+        info = json.loads(path.read_text())
+        rows.append({"refresh": refresh_id, "step": info["step"], "index_kind": info["index_kind"],
+                     "recall_at_10": info["recall_at_10"], "recall_queries": info["recall_queries"]})
+    return rows
+
+
+def open_run_retriever(model, store: Datastore, run_dir: str | Path, record: dict):
+    """Live retrieval for a learned run that has refreshed: the run's learned retriever embeds the query text
+    and an exact (flat) index over its last refresh's train vectors answers, so generation searches what
+    training last read. (The query is embedded with the checkpoint's weights, the keys with the weights of the
+    refresh, as training's queries were between refreshes.) Memory: the train vectors in float32. None when the run never refreshed (its neighbours are the datastore's: use
+    ``open_retriever``)."""
+    from knnformer.index import build_dense_index
+    from knnformer.neighbours import Retriever
+    from knnformer.retriever import LearnedEmbedder
+
+    refresh = record.get("refresh") or {}
+    if not refresh.get("id"):
+        return None
+    rcfg = record["config"]["retrieval"]
+    from knnformer.chunks import chunk_layout
+
+    nb = load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]))
+    index = build_dense_index(nb.vectors[: nb.layout.num_train], "flat")
+    return Retriever(store, nb.layout, index, LearnedEmbedder(model, store.tokenizer,
+                                                              f"learned:refresh-{refresh['id']}"))
 
 
 def changed_share(before: Neighbours, after: Neighbours) -> float:

@@ -80,28 +80,60 @@ class LearnedRetriever(nn.Module):
 
 
 @torch.no_grad()
-def embed_all_chunks(model, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, batch_size: int = 512,
+def embed_token_rows(model, ids: np.ndarray, mask: np.ndarray, batch_size: int = 512,
                      progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """The learned retriever's unit vectors (num_chunks, Dr) float32 of chunks ``tokens[starts[i]:ends[i]]``, in
-    eval mode (no dropout: the same weights always give the same vectors), ``batch_size`` chunks at a time."""
+    """The learned retriever's unit vectors (N, Dr) float32 of token rows ``ids`` (N, L) with ``mask`` (N, L)
+    (real tokens first; L at most the context), in eval mode (no dropout: the same weights always give the same
+    vectors), ``batch_size`` rows at a time."""
     retriever = model.retrieval.retriever
-    C = retriever.chunk_size
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = np.zeros((len(starts), retriever.proj.weight.shape[0]), dtype=np.float32)
-    ar = np.arange(C)
+    out = np.zeros((len(ids), retriever.proj.weight.shape[0]), dtype=np.float32)
     try:
-        for b in range(0, len(starts), batch_size):
-            s, e = starts[b : b + batch_size], ends[b : b + batch_size]
-            pos = s[:, None] + ar
-            mask = pos < e[:, None]
-            ids = np.where(mask, np.asarray(tokens[np.where(mask, pos, 0).reshape(-1)]).reshape(pos.shape), 0)
-            x = torch.from_numpy(ids.astype(np.int64)).to(device)
-            out[b : b + len(s)] = retriever.embed(model, x, torch.from_numpy(mask).to(device)).float().cpu().numpy()
+        for b in range(0, len(ids), batch_size):
+            x = torch.from_numpy(np.asarray(ids[b : b + batch_size], dtype=np.int64)).to(device)
+            m = torch.from_numpy(np.asarray(mask[b : b + batch_size], dtype=bool)).to(device)
+            out[b : b + len(x)] = retriever.embed(model, x, m).float().cpu().numpy()
             if progress is not None:
-                progress(len(s))
+                progress(len(x))
     finally:
         model.train(was_training)
     return out
 
+
+def embed_all_chunks(model, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, batch_size: int = 512,
+                     progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """``embed_token_rows`` of chunks ``tokens[starts[i]:ends[i]]``, read ``batch_size`` chunks at a time."""
+    C = model.retrieval.retriever.chunk_size
+    out = np.zeros((len(starts), model.retrieval.retriever.proj.weight.shape[0]), dtype=np.float32)
+    ar = np.arange(C)
+    for b in range(0, len(starts), batch_size):
+        s, e = starts[b : b + batch_size], ends[b : b + batch_size]
+        pos = s[:, None] + ar
+        mask = pos < e[:, None]
+        ids = np.where(mask, np.asarray(tokens[np.where(mask, pos, 0).reshape(-1)]).reshape(pos.shape), 0)
+        out[b : b + len(s)] = embed_token_rows(model, ids, mask, batch_size, progress)
+    return out
+
+
+class LearnedEmbedder:
+    """A run's learned retriever as an embedder of text, for ``neighbours.Retriever`` (live retrieval while
+    generating): each text is tokenized (at most the context's tokens) and embedded as ``embed_token_rows``
+    does. Decoding a chunk and encoding it again gives back its tokens exactly with the bytes tokenizer; with
+    BPE, rarely, a merge across the chunk's edge differs."""
+
+    sparse = False
+
+    def __init__(self, model, tokenizer, name: str = "learned"):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.dim = model.retrieval.retriever.proj.weight.shape[0]
+
+    def embed(self, texts) -> np.ndarray:
+        rows = [self.tokenizer.encode(t)[: self.model.config.context] for t in texts]
+        L = max([len(r) for r in rows] + [1])
+        ids = np.zeros((len(rows), L), dtype=np.int64)
+        mask = np.zeros((len(rows), L), dtype=bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = r, True
+        return embed_token_rows(self.model, ids, mask)

@@ -157,7 +157,8 @@ def resolve_retrieval(config: Config, datastore: Datastore):
         return None
     from knnformer.neighbours import load_neighbours
 
-    neighbours = load_neighbours(datastore, rcfg.embedder or None, rcfg.chunk_size or None, config.model.context)
+    neighbours = load_neighbours(datastore, rcfg.embedder or None, rcfg.chunk_size or None, config.model.context,
+                                 rcfg.hops)
     rcfg.chunk_size = neighbours.chunk_size
     rcfg.embedder = rcfg.embedder or neighbours.info["embedder"]
     k = max(rcfg.num_neighbours, rcfg.eval_neighbours)
@@ -220,7 +221,8 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
         set_rng_state(ckpt["state"]["rng"])
         if learned and ckpt["config"].get("refresh", {}).get("id"):  # the neighbours this checkpoint trained with
             record["refresh"] = ckpt["config"]["refresh"]
-            neighbours = load_refresh(run_dir / record["refresh"]["folder"], datastore, neighbours.layout)
+            neighbours = load_refresh(run_dir / record["refresh"]["folder"], datastore, neighbours.layout,
+                                      rcfg.hops)
             use_neighbours(neighbours)
         _truncate_metrics(metrics_path, start_step)
         logger.info("resumed from %s at step %d", ckpt["path"], start_step)
@@ -250,7 +252,7 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
                 t_refresh = time.perf_counter()
                 refresh_id = record["refresh"]["id"] + 1
                 new = refresh_neighbours(model, neighbours, run_dir, refresh_id, step, rcfg.refresh_index,
-                                         rcfg.refresh_recall_floor, cfg.seed)
+                                         rcfg.refresh_recall_floor, cfg.seed, hops=rcfg.hops)
                 refreshed = {"refresh": refresh_id, "refresh_changed": changed_share(neighbours, new),
                              "refresh_recall": new.info["recall_at_10"]}
                 neighbours = new

@@ -211,3 +211,29 @@ def test_a_retrieval_model_reads_its_neighbours_for_keys_and_queries(tmp_path):
     assert on["loss"] == pytest.approx(scored_lm_loss(tmp_path / "run", lo, hi, nb_fn), abs=1e-6)
     assert off["loss"] == pytest.approx(scored_lm_loss(tmp_path / "run", lo, hi), abs=1e-6)
     assert abs(on["loss"] - off["loss"]) > 1e-4
+
+
+def test_a_learned_run_reads_its_refreshed_neighbours(tmp_path):
+    """kNN-LM gives a learned run the neighbours of its last refresh, as evaluate does, not the datastore's."""
+    from knnformer.batches import neighbour_inputs
+    from knnformer.evaluate import run_neighbours
+    from knnformer.neighbours import index_datastore, load_neighbours
+
+    store = make_datastore(tmp_path, "bytes", num_docs=8)
+    index_datastore(store.path, embedder="bytes-hash", index="flat", k=2, chunk_size=16, exclude_window=48)
+    train_tiny(tmp_path / "run", store, 2, "retrieval.enabled=true", "retrieval.retriever=learned",
+               "retrieval.retriever_init=scratch")
+    _, record, _ = load_run(tmp_path / "run")
+    refreshed = run_neighbours(record, store, required=True, run_dir=tmp_path / "run")
+    assert refreshed.info["embedder"] == "learned"
+    assert not np.array_equal(refreshed.ids, load_neighbours(store).ids)
+    on = knn(tmp_path / "run", lam=0.0, k=4, temperature=1.0)
+    manifest = json.loads((tmp_path / "run" / "knnlm" / "manifest.json").read_text())
+    assert json.dumps(manifest).count("learned:refresh-1") >= 1
+
+    def nb_fn(begins, length):
+        nb, mask, _ = neighbour_inputs(refreshed, "valid", begins, length, 2)
+        return nb, mask
+
+    lo, hi = on["scored_targets"]
+    assert on["loss"] == pytest.approx(scored_lm_loss(tmp_path / "run", lo, hi, nb_fn), abs=1e-6)

@@ -20,6 +20,7 @@ from knnformer.index import exact_search
 from knnformer.model import Transformer
 from knnformer.neighbours import index_datastore, load_neighbours
 from knnformer.refresh import load_refresh, parse_schedule, refresh_due, refresh_neighbours
+from knnformer.retriever import embed_all_chunks
 from knnformer.tokenizer import ByteTokenizer
 from knnformer.trainer import train
 
@@ -129,6 +130,12 @@ def test_resume_after_a_refresh_reproduces_losses(tmp_path):
     assert record["refresh"] == {"id": 3, "step": 6, "folder": "refresh/refresh-0003"}
     result = evaluate_run(tmp_path / "full", "valid")
     assert result["neighbours"]["embedder"] == "learned"
+    # recall after each refresh, read back from the refresh manifests
+    assert [(r["refresh"], r["step"]) for r in result["refreshes"]] == [(1, 0), (2, 3), (3, 6)]
+    assert all(r["recall_at_10"] == next(x for x in rows if x.get("refresh") == r["refresh"])["refresh_recall"]
+               for r in result["refreshes"])
+    gain = result["neighbour_gain"]
+    assert gain["embedder"] == "learned" and gain["pairs"] > 0 and 0.0 <= gain["share_helped"] <= 1.0
 
 
 def test_inspect_shows_a_chunk_with_its_neighbours_before_and_after_refreshes(tmp_path, capsys):
@@ -150,3 +157,36 @@ def test_inspect_shows_a_chunk_with_its_neighbours_before_and_after_refreshes(tm
     assert "neighbours before training (bytes-hash)" in capsys.readouterr().out
     assert main(["-q", "inspect", str(tmp_path / "run"), "--chunk", "100000"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_generation_of_a_learned_run_searches_its_last_refresh(tmp_path, capsys):
+    """Live retrieval embeds the text with the run's learned retriever and searches its refreshed vectors: a
+    valid chunk's text finds exactly the neighbours the refresh stored for that chunk."""
+    from knnformer.cli import main
+    from knnformer.evaluate import load_run
+    from knnformer.refresh import open_run_retriever
+
+    store = line_store(tmp_path)
+    config = learned_config("train.steps=2", "train.checkpoint_interval=2", "train.eval_interval=0",
+                            "retrieval.retriever_init=scratch")
+    train(tmp_path / "run", store, config)
+    model, record, _ = load_run(tmp_path / "run")
+    retriever = open_run_retriever(model, store, tmp_path / "run", record)
+    refreshed = load_refresh(tmp_path / "run" / "refresh" / "refresh-0001", store, load_neighbours(store).layout)
+    lo, _ = refreshed.layout.split_chunks["valid"]
+    texts = [store.tokenizer.decode(store.tokens[refreshed.layout.starts[c] : refreshed.layout.ends[c]])
+             for c in range(lo, lo + 6)]
+    found = retriever.neighbours(texts, refreshed.k)
+    # the query: the model's current retriever on the chunk's tokens; the keys: the refresh's train vectors
+    layout = refreshed.layout
+    q = embed_all_chunks(model, store.tokens, layout.starts[lo : lo + 6], layout.ends[lo : lo + 6])
+    exact = exact_search(np.asarray(refreshed.vectors[: layout.num_train], np.float32), q, refreshed.k)
+    # compared by score: repeated lines make exact ties, whose order is arbitrary
+    np.testing.assert_allclose(found.scores, exact.D, atol=1e-5)
+    assert found.scores.min() > 0.9 and not np.allclose(found.scores, 1.0)  # trained since the refresh
+    prompt = store.tokenizer.decode(store.split_tokens("valid")[:40])
+    assert main(["-q", "generate", str(tmp_path / "run"), "--prompt", prompt, "--max-new-tokens", "20",
+                 "--seed", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    by_source = {c["retrieved_with_chunk"]: c for c in out["chunks"]}
+    assert [n["score"] for n in by_source[1]["neighbours"]] == pytest.approx(exact.D[1][:2].tolist(), abs=1e-5)
