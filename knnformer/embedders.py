@@ -16,9 +16,9 @@ only when it matches) and ``embed(texts) -> (n, dim) float32`` with unit rows (a
 Cost on this 2-core CPU (seconds per 1,000 chunks of 64 tokens; the machine was shared, so take the lower
 figures): bytes-hash 0.012-0.014; minilm 11-18 on tiny-shakespeare byte chunks, 11-49 on sympy BPE chunks
 (~74 word pieces each); bm25 indexes 1,000 chunks in 0.02 s and searches 1,000 queries over 117k chunks in
-0.9 s (0.18 s with numba). Hence bm25 is the default (``neighbours.DEFAULT_EMBEDDER``): a strong baseline in
-the retrieval literature at about a hundredth of minilm's cost here, until a bits-per-byte comparison of the
-trained models says otherwise.
+0.9 s (0.18 s with numba). Hence bm25 is the default (``neighbours.DEFAULT_EMBEDDER``), now on trained models'
+bits per byte too: RETRO with minilm neighbours was 0.1-0.5% better than with bm25 on shakespeare and sympy, for
+5-13x the indexing time (BENCHMARKS.md, issue 3).
 
 ``chunks_to_embeddings`` writes ``embeddings.f16`` ((num_chunks, dim) float16, raw, memory-mapped) for every chunk
 of every split, in batches, to a temporary name renamed into place.
