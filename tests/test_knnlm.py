@@ -77,6 +77,26 @@ def test_interpolation_matches_a_hand_computation():
     assert torch.equal(interpolate(np.log(p_lm), knn[:, 2], 0.0), torch.tensor(np.log(p_lm)))
 
 
+def test_lambda_by_distance_trusts_close_neighbours_more_and_one_bin_is_plain_interpolation():
+    from knnformer.knnlm import interpolate, interpolate_by_distance, knn_logprobs, tune, tune_by_distance
+
+    rng = np.random.default_rng(0)
+    n, k = 4000, 8
+    D = np.sort(rng.uniform(0, 1, (n, k)), axis=1)
+    D[: n // 2] *= 0.01  # half the queries have close neighbours ...
+    match = np.zeros((n, k), dtype=bool)
+    match[: n // 2, :] = rng.uniform(size=(n // 2, k)) < 0.9  # ... whose values are nearly always the target
+    match[n // 2 :, :] = rng.uniform(size=(n // 2, k)) < 0.05  # far ones rarely are
+    logp_lm = np.full(n, np.log(0.3))
+    tuned = tune(logp_lm, D, match)
+    binned = tune_by_distance(logp_lm, D, match, tuned, [0.0, 0.2, 0.4, 0.6, 0.8], 2)
+    assert binned["lambda"][0] > binned["lambda"][1]  # bin 0 = the close queries
+    one = {"edges": [], "lambda": [0.4], "k": [4]}
+    got = interpolate_by_distance(logp_lm, D, match, tuned["temperature"], one)
+    want = interpolate(logp_lm, knn_logprobs(D, match, tuned["temperature"])[:, 3], 0.4)
+    assert torch.equal(got, want)
+
+
 def test_tune_finds_the_best_grid_point():
     rng = np.random.default_rng(0)
     D = np.sort(rng.random((200, 8)) * 4, axis=1)
