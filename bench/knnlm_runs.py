@@ -19,14 +19,16 @@ def main() -> None:
     p.add_argument("runs", nargs="+", help="RUN:SPLIT[,SPLIT]")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--datastore", default=None, help="score on this datastore (same tokenizer), e.g. a copy that "
+                                                     "holds chunk neighbours for the overlap-filtered figures")
     args = p.parse_args()
     from knnformer.knnlm import evaluate_knn_lm
 
-    report = {"command": " ".join(sys.argv), "runs": {}}
+    report = {"command": " ".join(sys.argv), "datastore": args.datastore, "runs": {}}
     for spec in args.runs:
         run, _, splits = spec.rpartition(":")
         for split in splits.split(","):
-            r = evaluate_knn_lm(run, split, threads=args.threads)
+            r = evaluate_knn_lm(run, split, datastore=args.datastore, threads=args.threads)
             report["runs"].setdefault(run, {})[split] = r
             f = r.get("filtered", {}).get("0.125", {})
             print(f"{run} {split}: LM {r['lm']['bits_per_byte']:.4f} -> kNN-LM {r['bits_per_byte']:.4f} bits/byte "
