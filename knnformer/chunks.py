@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,8 +165,26 @@ def provenance(store: Datastore, layout: ChunkLayout, chunk_id: int) -> ChunkSou
 # ---------------------------------------------------------------- manifest and atomic writes
 
 def tmp_path(path: Path) -> Path:
-    """A temporary name beside ``path``, renamed into place with ``os.replace`` once complete."""
+    """A temporary name beside ``path``, renamed into place with ``os.replace`` once complete. Temporaries of
+    ``path`` left by a process that no longer runs (killed before it could clean up) are removed first."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
     return path.parent / f".{path.name}.tmp-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def read_retrieval_manifest(store_path: str | Path) -> dict:

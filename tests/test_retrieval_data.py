@@ -7,6 +7,7 @@ not against the helpers that implement it.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -323,6 +324,21 @@ def test_live_retrieval_finds_the_stored_chunk(tmp_path):
     assert batch.tokens.shape == (1, 3, 2 * C)
     top = batch.ids[0, 0]
     assert store.tokenizer.decode(store.tokens[top * C : (top + 1) * C]) == text  # itself or an exact repeat
+
+
+def test_temporaries_of_dead_processes_are_cleaned_up(tmp_path):
+    import subprocess
+
+    from knnformer.chunks import tmp_path as temporary
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".embeddings.f16.tmp-{dead.pid}"
+    stale.write_bytes(b"x" * 10)
+    live = tmp_path / f".embeddings.f16.tmp-{os.getppid()}"  # a running process (pytest's parent)
+    live.write_bytes(b"y")
+    assert temporary(tmp_path / "embeddings.f16").name == f".embeddings.f16.tmp-{os.getpid()}"
+    assert not stale.exists() and live.exists()
 
 
 def test_embeddings_are_reused_and_neighbours_deterministic(tmp_path):
