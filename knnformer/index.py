@@ -243,7 +243,10 @@ def exact_search_excluding(xb: np.ndarray, xq: np.ndarray, k: int, lo: np.ndarra
             scores[(ids >= rlo) & (ids < rhi)] = -np.inf
             cand_d = np.concatenate([best_d, scores], 1)
             cand_i = np.concatenate([best_i, np.broadcast_to(ids, scores.shape)], 1)
-            top = np.argsort(-cand_d, axis=1, kind="stable")[:, :k]
+            if cand_d.shape[1] > k:  # the k best of each row, unordered, in linear time; then order those k
+                part = np.argpartition(-cand_d, k - 1, axis=1)[:, :k]
+                cand_d, cand_i = np.take_along_axis(cand_d, part, 1), np.take_along_axis(cand_i, part, 1)
+            top = np.argsort(-cand_d, axis=1, kind="stable")
             best_d, best_i = np.take_along_axis(cand_d, top, 1), np.take_along_axis(cand_i, top, 1)
         best_i[~np.isfinite(best_d)] = -1
         D[r : r + rows], I[r : r + rows] = best_d, best_i
