@@ -44,6 +44,26 @@ NeighbourFn = Callable[[np.ndarray, int], tuple[torch.Tensor, torch.Tensor]]
 starting at split-relative ``begins``."""
 
 
+def window_batches(tokens: np.ndarray, plan: list[tuple[int, int, int]], batch_size: int,
+                   neighbours: NeighbourFn | None, device):
+    """The windows of ``plan`` in batches of up to ``batch_size`` windows of equal length (only the last one or
+    few are shorter): yields (group, n, x (B, n) on ``device``, y (B, n) on the CPU, the model's neighbour
+    inputs)."""
+    i = 0
+    while i < len(plan):
+        n = plan[i][2]
+        group = [plan[i]]
+        while i + len(group) < len(plan) and len(group) < batch_size and plan[i + len(group)][2] == n:
+            group.append(plan[i + len(group)])
+        rows = np.stack([tokens[b : b + n + 1] for b, _, _ in group]).astype(np.int64)
+        inputs = {}
+        if neighbours is not None:
+            nb, mask = neighbours(np.array([g[0] for g in group]), n)
+            inputs = {"neighbours": nb.to(device), "neighbour_mask": mask.to(device)}
+        yield group, n, torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]), inputs
+        i += len(group)
+
+
 @torch.no_grad()
 def score_tokens(model: Transformer, tokens: np.ndarray, token_bytes: np.ndarray, stride: int | None = None,
                  batch_size: int = 32, dtype: str = "float32", progress: Callable[[int], None] | None = None,
@@ -59,19 +79,7 @@ def score_tokens(model: Transformer, tokens: np.ndarray, token_bytes: np.ndarray
     nll, num_tokens, num_bytes = 0.0, 0, 0
     losses_out = np.zeros(max(0, len(tokens) - 1), dtype=np.float32) if per_token else None
     token_bytes = torch.from_numpy(np.asarray(token_bytes))
-    # windows of equal length are batched together; only the last one or few are shorter
-    i = 0
-    while i < len(plan):
-        n = plan[i][2]
-        group = [plan[i]]
-        while i + len(group) < len(plan) and len(group) < batch_size and plan[i + len(group)][2] == n:
-            group.append(plan[i + len(group)])
-        rows = np.stack([tokens[b : b + n + 1] for b, _, _ in group]).astype(np.int64)
-        x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:])
-        inputs = {}
-        if neighbours is not None:
-            nb, mask = neighbours(np.array([g[0] for g in group]), n)
-            inputs = {"neighbours": nb.to(device), "neighbour_mask": mask.to(device)}
+    for group, n, x, y, inputs in window_batches(tokens, plan, batch_size, neighbours, device):
         with autocast(dtype, device):
             logits, _ = model(x, **inputs)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
@@ -84,7 +92,6 @@ def score_tokens(model: Transformer, tokens: np.ndarray, token_bytes: np.ndarray
             num_bytes += int(token_bytes[y[row, first:]].sum())
         if progress is not None:
             progress(sum(g[2] - g[1] for g in group))
-        i += len(group)
     out = {"nll": nll, "tokens": num_tokens, "bytes": num_bytes}
     if losses_out is not None:
         out["losses"] = losses_out

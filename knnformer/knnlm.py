@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from knnformer.checkpoint import file_sha256
 from knnformer.datastore import Datastore
 from knnformer.evaluate import (NeighbourFn, filtered_figures, load_run, open_run_datastore, run_neighbours,
-                                split_overlaps, window_plan)
+                                split_overlaps, window_batches, window_plan)
 from knnformer.index import faiss_threads
 from knnformer.model import Transformer
 from knnformer.trainer import autocast
@@ -101,24 +101,13 @@ def split_hidden_states(model: Transformer, tokens: np.ndarray, out: np.ndarray,
     device = next(model.parameters()).device
     plan = window_plan(len(tokens), context, context)
     logp = np.zeros(max(0, len(tokens) - 1), dtype=np.float64) if logprobs else None
-    i = 0
-    while i < len(plan):
-        n = plan[i][2]
-        group = [plan[i]]
-        while i + len(group) < len(plan) and len(group) < batch_size and plan[i + len(group)][2] == n:
-            group.append(plan[i + len(group)])
-        rows = np.stack([tokens[b : b + n + 1] for b, _, _ in group]).astype(np.int64)
-        x, y = torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]).to(device)
-        inputs = {}
-        if neighbours is not None:
-            nb, mask = neighbours(np.array([g[0] for g in group]), n)
-            inputs = {"neighbours": nb.to(device), "neighbour_mask": mask.to(device)}
+    for group, n, x, y, inputs in window_batches(tokens, plan, batch_size, neighbours, device):
         with autocast(dtype, device):
             h = model.hidden_states(x, **inputs)  # (B, n, D)
             logits = F.linear(h, model.embed.weight) if logprobs else None  # (B, n, V), as Transformer.forward
         h = h.float().cpu().numpy()
         if logprobs:
-            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            losses = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
             losses = losses.view(len(group), n).cpu().double().numpy()
         for row, (begin, first, _) in enumerate(group):
             out[begin + first : begin + n] = h[row, first:]
@@ -126,7 +115,6 @@ def split_hidden_states(model: Transformer, tokens: np.ndarray, out: np.ndarray,
                 logp[begin + first : begin + n] = -losses[row, first:]
         if progress is not None:
             progress(sum(g[2] - g[1] for g in group))
-        i += len(group)
     return logp
 
 
