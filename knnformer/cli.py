@@ -108,8 +108,12 @@ def write_events(bar, row: dict) -> None:
     if row.get("redraw"):
         bar.write(f"step {row['step']:>6}: drew new Performer random features")
     if "refresh" in row:
-        bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: re-embedded and re-indexed in "
-                  f"{row['refresh_seconds']:.1f} s (training paused), {row['refresh_changed']:.1%} of chunks "
+        started = row.get("refresh_started", row["step"] - 1)
+        how = (f"re-embedded and re-indexed in {row['refresh_seconds']:.1f} s (training paused)"
+               if started == row["step"] - 1 else
+               f"re-embedded and re-indexed in the background from the weights of step {started} "
+               f"({row.get('refresh_cpu_seconds', 0):.1f} s CPU), training paused {row['refresh_seconds']:.1f} s")
+        bar.write(f"step {row['step']:>6}: refresh {row['refresh']}: {how}, {row['refresh_changed']:.1%} of chunks "
                   f"got new neighbours, index recall@10 {row['refresh_recall']:.3f}")
 
 

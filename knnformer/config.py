@@ -254,6 +254,12 @@ class RetrievalConfig:
     """When a learned retriever re-embeds every chunk and rebuilds the index and neighbours, as ``start-end:every``
     ranges of optimizer steps, e.g. ``"0-1000:250,1000-:1000"`` (every 250 steps until 1000, then every 1000);
     empty never refreshes. See ``refresh.parse_schedule``."""
+    refresh_lag: int = -1
+    """Steps between the start of a refresh and the step whose batches first read its neighbours. > 0: the refresh
+    runs on a background thread from a copy of the weights at its start, while training goes on with the
+    previous neighbours; it is swapped in exactly ``refresh_lag`` steps later (training waits there only if it is
+    not done), so which neighbours a step reads never depends on timing. 0: synchronous (training waits for every
+    refresh). -1: half the shortest interval of the schedule."""
     refresh_index: str = "auto"
     """Index kind a refresh builds (auto, flat, hnsw or ivfpq; auto as in ``knnformer index``)."""
     refresh_recall_floor: float = 0.9
@@ -318,9 +324,9 @@ class RetrievalConfig:
             if self.retriever != "learned":
                 raise ValueError("retrieval.refresh and retrieval.retriever_init=scratch need "
                                  "retrieval.retriever=learned (a frozen retriever's neighbours never change)")
-            from knnformer.refresh import parse_schedule
+            from knnformer.refresh import parse_schedule, resolved_lag
 
-            parse_schedule(self.refresh)
+            resolved_lag(self.refresh_lag, parse_schedule(self.refresh))
 
 
 @dataclass

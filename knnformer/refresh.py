@@ -12,9 +12,16 @@ id, its step, the index's recall and its timings). The folder is written under a
 place; the run record (``config.json`` beside the weights of every later checkpoint) then names it, so a resumed
 run and ``evaluate`` read the same neighbours. Refresh 0 is the datastore's own neighbours (the frozen embedder).
 
-The refresh is synchronous: training waits while it runs, and the pause is logged (``refresh_seconds``). Its
-result depends only on the weights (eval mode, deterministic search), so a resumed run that redoes a refresh
-gets the same neighbours.
+Where it runs (``retrieval.refresh_lag``). With a lag of L > 0 steps, a refresh due before step s embeds from a
+copy of the weights at s on a background thread (``BackgroundRefresh``; torch, faiss and numpy release the GIL in
+their kernels, so it runs on a second core) while training goes on with the previous neighbours; before step
+s + L the trainer takes its result, waiting only if it is not done, and swaps it in. The swap step is fixed, so
+the neighbours of every step are a function of the weights alone, never of timing. A checkpoint taken while a
+refresh is in flight first waits for it and records it as pending (``record["refresh_pending"]``), so a resumed
+run swaps in the same folder at the same step. With L = 0 training waits for every refresh. Either way the
+pause is logged (``refresh_seconds``) and the refresh's own CPU time beside it (``refresh_cpu_seconds``). A
+refresh's result depends only on the weights (eval mode, deterministic search), so a resumed run that redoes a
+refresh gets the same neighbours.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from knnformer.chunks import ChunkLayout
+from knnformer.config import RetrievalConfig
 from knnformer.datastore import Datastore
 from knnformer.hops import HOP2_FILE, HOP2_SCORES_FILE
 from knnformer.index import choose_index_kind
@@ -63,6 +72,20 @@ def parse_schedule(text: str) -> Schedule:
             raise ValueError(f"retrieval.refresh: {part!r} overlaps the range before it; give ranges in order")
         schedule.append(item)
     return schedule
+
+
+def resolved_lag(lag: int, schedule: Schedule) -> int:
+    """The refresh lag in steps (``retrieval.refresh_lag``; -1: half the shortest interval), refused when a refresh
+    would fall due before the previous one is swapped in."""
+    shortest = min((every for _, _, every in schedule), default=0)
+    if lag == -1:
+        return shortest // 2
+    if lag < 0:
+        raise ValueError(f"retrieval.refresh_lag must be >= 0 steps, or -1 for half the interval, got {lag}")
+    if schedule and lag >= shortest:
+        raise ValueError(f"retrieval.refresh_lag {lag} must be shorter than the shortest refresh interval "
+                         f"({shortest} steps): a refresh must be swapped in before the next one starts")
+    return lag
 
 
 def refresh_due(step: int, schedule: Schedule) -> bool:
@@ -137,6 +160,64 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
     logger.info("refresh %d at step %d: %.2f s (embedding %.2f s), recall@10 %.3f", refresh_id, step,
                 time.perf_counter() - t0, embed_s, dense.recall)
     return load_refresh(final, store, layout, hops)
+
+
+class BackgroundRefresh:
+    """One refresh computed on a background thread from a copy of ``model`` (weights at the start; hooks, grads
+    and optimizer state are not copied), to be swapped in before step ``swap_step``. ``result()`` waits for it
+    and re-raises what the thread raised."""
+
+    def __init__(self, model, retrieval: RetrievalConfig, base: Neighbours, run_dir: str | Path, refresh_id: int,
+                 step: int, swap_step: int, **kwargs):
+        from knnformer.model import Transformer
+
+        snapshot = Transformer(model.config, retrieval).to(next(model.parameters()).device)
+        snapshot.load_state_dict(model.state_dict())
+        snapshot.eval()
+        self.refresh_id, self.step, self.swap_step = refresh_id, step, swap_step
+        self.cpu_seconds = 0.0
+        self._out: Neighbours | None = None
+        self._error: BaseException | None = None
+
+        def work() -> None:
+            t0 = time.thread_time()
+            try:
+                self._out = refresh_neighbours(snapshot, base, run_dir, refresh_id, step, **kwargs)
+            except BaseException as e:  # handed to the training thread by result()
+                self._error = e
+            finally:
+                self.cpu_seconds = time.thread_time() - t0
+
+        self._thread = threading.Thread(target=work, name=f"knnformer-refresh-{refresh_id}", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Neighbours:
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"refresh {self.refresh_id} (started before step {self.step}) failed: "
+                               f"{self._error}") from self._error
+        return self._out
+
+
+class FinishedRefresh:
+    """A pending refresh a resumed run finds already written (the checkpoint waited for it): its folder, swapped
+    in at ``swap_step`` as the original run would have."""
+
+    cpu_seconds = 0.0
+
+    def __init__(self, folder: Path, store: Datastore, layout: ChunkLayout, hops: int, refresh_id: int, step: int,
+                 swap_step: int):
+        self.folder, self.store, self.layout, self.hops = folder, store, layout, hops
+        self.refresh_id, self.step, self.swap_step = refresh_id, step, swap_step
+
+    def done(self) -> bool:
+        return True
+
+    def result(self) -> Neighbours:
+        return load_refresh(self.folder, self.store, self.layout, self.hops)
 
 
 def load_refresh(folder: str | Path, store: Datastore, layout: ChunkLayout, hops: int = 1) -> Neighbours:

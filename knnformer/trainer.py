@@ -26,7 +26,8 @@ from knnformer.datastore import Datastore
 from knnformer.batches import WindowSampler
 from knnformer.model import Transformer
 from knnformer.performer import redraw_features
-from knnformer.refresh import changed_share, load_refresh, parse_schedule, refresh_due, refresh_folder, refresh_neighbours
+from knnformer.refresh import (BackgroundRefresh, FinishedRefresh, changed_share, load_refresh, parse_schedule,
+                               refresh_due, refresh_folder, refresh_neighbours, resolved_lag)
 from knnformer.moe import StatsMeter
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     token_bytes = torch.from_numpy(datastore.tokenizer.token_bytes)
     learned = neighbours is not None and rcfg.retriever == "learned"
     schedule = parse_schedule(rcfg.refresh) if learned else []
+    lag = resolved_lag(rcfg.refresh_lag, schedule) if learned else 0
 
     def refresh_needed(step: int) -> bool:
         return learned and ((step == 0 and rcfg.retriever_init == "scratch") or (step > 0 and refresh_due(step, schedule)))
@@ -210,6 +212,7 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     record = run_record(config, datastore)
     if learned:
         record["refresh"] = {"id": 0, "step": 0, "folder": None}  # 0: the datastore's own neighbours
+    pending = None  # a refresh started but not yet swapped in (refresh.BackgroundRefresh or FinishedRefresh)
     start_step = 0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
@@ -224,6 +227,10 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
             neighbours = load_refresh(run_dir / record["refresh"]["folder"], datastore, neighbours.layout,
                                       rcfg.hops)
             use_neighbours(neighbours)
+        if learned and ckpt["config"].get("refresh_pending"):  # started before the checkpoint, not yet swapped in
+            p = record["refresh_pending"] = ckpt["config"]["refresh_pending"]
+            pending = FinishedRefresh(run_dir / p["folder"], datastore, neighbours.layout, rcfg.hops, p["id"],
+                                      p["step"], p["swap_step"])
         _truncate_metrics(metrics_path, start_step)
         logger.info("resumed from %s at step %d", ckpt["path"], start_step)
     else:
@@ -239,8 +246,23 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.context
 
     def checkpoint(step: int) -> None:
+        if pending is not None:  # a checkpoint names the pending refresh's folder, so that folder must exist
+            pending.result()
         state = {"generator": generator.get_state(), "rng": rng_state()}
         save_checkpoint(run_dir, step, model, record, optimizer, state, keep=cfg.keep_checkpoints)
+
+    def swap_in(new, refresh_id: int, started: int) -> dict:
+        """Serve ``new`` (refresh ``refresh_id``, computed from the weights before step ``started``) from now on."""
+        nonlocal neighbours
+        info = {"refresh": refresh_id, "refresh_changed": changed_share(neighbours, new),
+                "refresh_recall": new.info["recall_at_10"], "refresh_started": started}
+        neighbours = new
+        use_neighbours(new)  # swapped between two steps: no batch ever mixes two refreshes
+        record["refresh"] = {"id": refresh_id, "step": started,
+                             "folder": str(refresh_folder(run_dir, refresh_id).relative_to(run_dir.resolve()))}
+        record.pop("refresh_pending", None)
+        atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2))
+        return info
 
     step, loss_value, valid = start_step, float("nan"), {}
     interrupted = False
@@ -248,20 +270,32 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
         t_last = time.perf_counter()
         while step < cfg.steps:
             refreshed = {}
-            if refresh_needed(step):
+            if pending is not None and step == pending.swap_step:
+                t_wait = time.perf_counter()
+                new = pending.result()  # waits only if the background refresh is not done yet
+                refreshed = swap_in(new, pending.refresh_id, pending.step)
+                refreshed["refresh_seconds"] = time.perf_counter() - t_wait
+                refreshed["refresh_cpu_seconds"] = pending.cpu_seconds
+                pending = None
+                t_last = time.perf_counter()  # the pause is reported as refresh_seconds, not as throughput
+            if refresh_needed(step) and (lag == 0 or step == 0 or step + lag < cfg.steps):
                 t_refresh = time.perf_counter()
                 refresh_id = record["refresh"]["id"] + 1
-                new = refresh_neighbours(model, neighbours, run_dir, refresh_id, step, rcfg.refresh_index,
-                                         rcfg.refresh_recall_floor, cfg.seed, hops=rcfg.hops)
-                refreshed = {"refresh": refresh_id, "refresh_changed": changed_share(neighbours, new),
-                             "refresh_recall": new.info["recall_at_10"]}
-                neighbours = new
-                use_neighbours(new)  # swapped between two steps: no batch ever mixes two refreshes
-                record["refresh"] = {"id": refresh_id, "step": step,
-                                     "folder": str(refresh_folder(run_dir, refresh_id).relative_to(run_dir.resolve()))}
-                atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2))
-                refreshed["refresh_seconds"] = time.perf_counter() - t_refresh
-                t_last = time.perf_counter()  # the pause is reported as refresh_seconds, not as throughput
+                kwargs = dict(index=rcfg.refresh_index, recall_floor=rcfg.refresh_recall_floor, seed=cfg.seed,
+                              hops=rcfg.hops)
+                if lag and step > 0:  # in the background, swapped in before step + lag
+                    pending = BackgroundRefresh(model, rcfg, neighbours, run_dir, refresh_id, step, step + lag,
+                                                **kwargs)
+                    record["refresh_pending"] = {
+                        "id": refresh_id, "step": step, "swap_step": step + lag,
+                        "folder": str(refresh_folder(run_dir, refresh_id).relative_to(run_dir.resolve()))}
+                else:  # synchronous (and the step-0 refresh of a retriever from scratch: no neighbours before it)
+                    t_cpu = time.process_time()
+                    new = refresh_neighbours(model, neighbours, run_dir, refresh_id, step, **kwargs)
+                    refreshed = swap_in(new, refresh_id, step)
+                    refreshed["refresh_seconds"] = time.perf_counter() - t_refresh
+                    refreshed["refresh_cpu_seconds"] = time.process_time() - t_cpu
+                t_last = time.perf_counter()
             redrew = redraw_due(step, mcfg)
             if redrew:
                 redraw_step(model, step, cfg.seed)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnformer.checkpoint import latest_checkpoint
+from knnformer.checkpoint import latest_checkpoint, list_checkpoints
 from knnformer.config import load_config
 from knnformer.corpus import Document
 from knnformer.datastore import Datastore, write_datastore
@@ -19,7 +19,8 @@ from knnformer.evaluate import evaluate_run
 from knnformer.index import exact_search
 from knnformer.model import Transformer
 from knnformer.neighbours import index_datastore, load_neighbours
-from knnformer.refresh import load_refresh, parse_schedule, refresh_due, refresh_neighbours
+from knnformer.refresh import (BackgroundRefresh, load_refresh, parse_schedule, refresh_due, refresh_neighbours,
+                               resolved_lag)
 from knnformer.retriever import embed_all_chunks
 from knnformer.tokenizer import ByteTokenizer
 from knnformer.trainer import train
@@ -111,13 +112,20 @@ def losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def resumable_run(tmp_path, store, steps: int, checkpoint_every: int, refresh: str, lag: int):
+    """A learned run from scratch with dropout (so resume must restore the RNG too), every step logged; trains it
+    into tmp_path / "full" and returns its config and metrics rows."""
+    config = learned_config(f"train.steps={steps}", f"train.checkpoint_interval={checkpoint_every}",
+                            "train.log_interval=1", "train.eval_interval=0", "train.keep_checkpoints=9",
+                            "model.dropout=0.1", f"retrieval.refresh={refresh}", "retrieval.retriever_init=scratch",
+                            f"retrieval.refresh_lag={lag}")
+    train(tmp_path / "full", store, config)
+    return config, [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_resume_after_a_refresh_reproduces_losses(tmp_path):
     store = line_store(tmp_path)
-    config = learned_config("train.steps=9", "train.checkpoint_interval=4", "train.log_interval=1",
-                            "train.eval_interval=0", "train.keep_checkpoints=5", "model.dropout=0.1",
-                            "retrieval.refresh=0-:3", "retrieval.retriever_init=scratch")
-    train(tmp_path / "full", store, config)
-    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    config, rows = resumable_run(tmp_path, store, 9, 4, "0-:3", 0)
     assert [r["step"] for r in rows if "refresh" in r] == [1, 4, 7]  # before steps 0, 3 and 6 (0-based)
     assert all(r["refresh_seconds"] > 0 and r["refresh_recall"] >= 0.9 for r in rows if "refresh" in r)
     config.train.steps = 6  # checkpoints at 4 and 6; step 6 dropped, so resume from 4 redoes the refresh at 6
@@ -190,3 +198,54 @@ def test_generation_of_a_learned_run_searches_its_last_refresh(tmp_path, capsys)
     out = json.loads(capsys.readouterr().out)
     by_source = {c["retrieved_with_chunk"]: c for c in out["chunks"]}
     assert [n["score"] for n in by_source[1]["neighbours"]] == pytest.approx(exact.D[1][:2].tolist(), abs=1e-5)
+
+
+def test_refresh_lag_is_checked_against_the_schedule():
+    assert resolved_lag(-1, parse_schedule("0-1000:250,1000-:1000")) == 125
+    assert resolved_lag(0, parse_schedule("0-:10")) == 0 and resolved_lag(9, parse_schedule("0-:10")) == 9
+    with pytest.raises(ValueError, match="shorter than the shortest refresh interval"):
+        load_config("tiny", ["retrieval.enabled=true", "retrieval.retriever=learned", "retrieval.refresh=0-:10",
+                             "retrieval.refresh_lag=10"])
+    with pytest.raises(ValueError, match="refresh_lag must be >= 0"):
+        resolved_lag(-2, parse_schedule("0-:10"))
+
+
+def test_background_refresh_swaps_in_at_a_fixed_step_and_resume_mid_flight_reproduces_losses(tmp_path):
+    """A refresh started before step s runs on a thread and is swapped in before step s + lag, whatever its
+    speed; checkpoints taken while it is in flight record it, and resuming from them gives the same losses."""
+    store = line_store(tmp_path)
+    config, rows = resumable_run(tmp_path, store, 11, 3, "0-:4", 2)
+    events = [(r["step"], r["refresh"], r["refresh_started"]) for r in rows if "refresh" in r]
+    assert events == [(1, 1, 0), (7, 2, 4), (11, 3, 8)]  # step 0 in line; 4 and 8 swapped in before 6 and 10
+    assert all(r["refresh_cpu_seconds"] > 0 and r["refresh_seconds"] >= 0 for r in rows if "refresh" in r)
+    # the checkpoints at 6 and 9 were taken with a refresh in flight: they name it
+    ckpts = {int(c.name.split("-")[1]): json.loads((c / "config.json").read_text())
+             for c in list_checkpoints(tmp_path / "full")}
+    assert ckpts[6]["refresh_pending"] == {"id": 2, "step": 4, "swap_step": 6, "folder": "refresh/refresh-0002"}
+    assert ckpts[6]["refresh"]["id"] == 1 and ckpts[9]["refresh_pending"]["id"] == 3
+    assert "refresh_pending" not in ckpts[11] and ckpts[11]["refresh"] == {"id": 3, "step": 8,
+                                                                           "folder": "refresh/refresh-0003"}
+    for resume_from in (6, 9):
+        part = tmp_path / f"from-{resume_from}"
+        shutil.copytree(tmp_path / "full", part)
+        for c in list_checkpoints(part):
+            if int(c.name.split("-")[1]) > resume_from:
+                shutil.rmtree(c)
+        train(part, store, config, resume=True)
+        assert losses(part) == losses(tmp_path / "full"), resume_from
+
+
+def test_a_failed_background_refresh_is_raised_in_the_training_thread(tmp_path, monkeypatch):
+    import knnformer.refresh as refresh
+
+    store = line_store(tmp_path)
+    config = learned_config("retrieval.refresh=0-:4")
+    model = Transformer(config.model, config.retrieval)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(refresh, "refresh_neighbours", broken)
+    job = BackgroundRefresh(model, config.retrieval, load_neighbours(store), tmp_path / "run", 1, 4, 6)
+    with pytest.raises(RuntimeError, match="refresh 1 .*failed: disk full"):
+        job.result()
