@@ -75,14 +75,17 @@ def median_rate(run: Path) -> float:
     return statistics.median(r["tokens_per_s"] for r in rows if "valid_loss" not in r)
 
 
+GAIN_WINDOWS = 64  # windows evaluate measures each served neighbour's gain on
+
+
 def evaluate_splits(run: Path, splits: list[str]) -> dict:
     from knnformer.evaluate import evaluate_run
 
     out = {}
     for split in splits:
-        result = evaluate_run(run, split)
+        result = evaluate_run(run, split, gain_windows=GAIN_WINDOWS)
         out[split] = {k: result[k] for k in ("loss", "bits_per_byte", "filtered", "retrieval_off", "retrieval",
-                                             "neighbours") if k in result}
+                                             "neighbours", "neighbour_gain", "refreshes") if k in result}
     return out
 
 

@@ -26,16 +26,22 @@ VARIANTS = {
     "K=1, encoder D/4": ["retrieval.num_neighbours=1", "retrieval.encoder_dim={quarter}"],
     "K=2, encoder D/4": ["retrieval.encoder_dim={quarter}"],
 }
+LEARNED = {  # issue 4: the learned retriever (decoder block 0 + projection on every query and neighbour chunk)
+    "learned retriever (layer 0)": ["retrieval.retriever=learned"],
+}
 
 
-def measure(store, preset: str, sets: list[str], dtype: str, steps: int, warmup: int) -> dict:
+def measure(store, preset: str, sets: list[str], dtype: str, steps: int, warmup: int,
+            frozen: bool = False) -> dict:
+    """Median step times of dense and the retrieval model ``sets`` (and, with ``frozen``, the default frozen
+    retrieval model too), their steps interleaved."""
     from knnformer.batches import WindowSampler
     from knnformer.config import load_config
     from knnformer.model import Transformer
     from knnformer.trainer import autocast, make_optimizer, resolve_retrieval
 
-    def setup(retrieval: bool):
-        cfg = load_config(preset, [f"train.dtype={dtype}"] + (["retrieval.enabled=true"] + sets if retrieval else []))
+    def setup(retrieval: bool, extra: list[str]):
+        cfg = load_config(preset, [f"train.dtype={dtype}"] + (["retrieval.enabled=true"] + extra if retrieval else []))
         cfg.model.vocab_size = store.tokenizer.vocab_size
         nb = resolve_retrieval(cfg, store)
         model = Transformer(cfg.model, cfg.retrieval if retrieval else None)
@@ -44,8 +50,8 @@ def measure(store, preset: str, sets: list[str], dtype: str, steps: int, warmup:
         return model, make_optimizer(model, cfg.train), sampler, cfg.train.batch_size
 
     g = torch.Generator().manual_seed(0)
-    runs = [setup(False), setup(True)]
-    times: list[list[float]] = [[], []]
+    runs = [setup(False, []), setup(True, sets)] + ([setup(True, [])] if frozen else [])
+    times: list[list[float]] = [[] for _ in runs]
     for i in range(warmup + steps):
         for j, (model, opt, sampler, batch) in enumerate(runs):
             t0 = time.perf_counter()
@@ -59,9 +65,12 @@ def measure(store, preset: str, sets: list[str], dtype: str, steps: int, warmup:
                 times[j].append(time.perf_counter() - t0)
     dense, retro = statistics.median(times[0]), statistics.median(times[1])
     return {"dense_ms": round(dense * 1e3, 2), "retro_ms": round(retro * 1e3, 2), "ratio": round(retro / dense, 3),
-            "median_pair_ratio": round(statistics.median(r / d for d, r in zip(*times)), 3),
+            "median_pair_ratio": round(statistics.median(r / d for d, r in zip(times[0], times[1])), 3),
             "retro_params": sum(p.numel() for p in runs[1][0].parameters()),
-            "dense_params": sum(p.numel() for p in runs[0][0].parameters())}
+            "dense_params": sum(p.numel() for p in runs[0][0].parameters()),
+            **({"frozen_ms": round(statistics.median(times[2]) * 1e3, 2),
+                "frozen_ratio": round(statistics.median(times[2]) / dense, 3),
+                "retro_over_frozen": round(retro / statistics.median(times[2]), 3)} if frozen else {})}
 
 
 def main() -> None:
@@ -72,6 +81,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--learned", action="store_true",
+                   help="measure the learned retriever against dense and the frozen retrieval model instead")
+    p.add_argument("--set", action="append", default=[], help="extra overrides for the retrieval models")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "bench"))
@@ -84,14 +96,17 @@ def main() -> None:
     quarter = load_config(args.preset).model.dim // 4
     report = {"store": str(store.path), "preset": args.preset, "threads": args.threads, "machine": cpu_name(),
               "command": " ".join(sys.argv), "results": {}}
-    for name, sets in VARIANTS.items():
-        sets = [s.format(quarter=quarter) for s in sets]
+    for name, sets in (LEARNED if args.learned else VARIANTS).items():
+        sets = [s.format(quarter=quarter) for s in sets] + args.set
         for dtype in args.dtypes:
-            r = measure(store, args.preset, sets, dtype, args.steps, args.warmup)
+            r = measure(store, args.preset, sets, dtype, args.steps, args.warmup, args.learned)
             report["results"][f"{name} {dtype}"] = {"sets": sets, **r}
             print(f"{name:28s} {dtype:9s} dense {r['dense_ms']:7.1f} ms  retro {r['retro_ms']:7.1f} ms  "
-                  f"x{r['ratio']:.2f} (pairs x{r['median_pair_ratio']:.2f})", flush=True)
-    out = ROOT / "bench" / "results" / f"retro-step-{store.path.name.removesuffix('-store')}.json"
+                  f"x{r['ratio']:.2f} (pairs x{r['median_pair_ratio']:.2f})"
+                  + (f"  frozen {r['frozen_ms']:7.1f} ms  learned/frozen x{r['retro_over_frozen']:.2f}"
+                     if args.learned else ""), flush=True)
+    name = store.path.name.removesuffix("-store") + ("-learned" if args.learned else "")
+    out = ROOT / "bench" / "results" / f"retro-step-{name}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
