@@ -27,7 +27,7 @@ from knnformer.batches import WindowSampler
 from knnformer.model import Transformer
 from knnformer.performer import redraw_features
 from knnformer.refresh import (BackgroundRefresh, FinishedRefresh, changed_share, load_refresh, parse_schedule,
-                               refresh_due, refresh_folder, refresh_neighbours, resolved_lag)
+                               prune_refreshes, refresh_due, refresh_folder, refresh_neighbours, resolved_lag)
 from knnformer.moe import StatsMeter
 
 logger = logging.getLogger(__name__)
@@ -250,6 +250,10 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
             pending.result()
         state = {"generator": generator.get_state(), "rng": rng_state()}
         save_checkpoint(run_dir, step, model, record, optimizer, state, keep=cfg.keep_checkpoints)
+        if learned:  # refreshes no kept checkpoint (nor the run) reads any more give their arrays back
+            records = [json.loads((c / "config.json").read_text()) for c in list_checkpoints(run_dir)] + [record]
+            prune_refreshes(run_dir, {r[key]["folder"] for r in records for key in ("refresh", "refresh_pending")
+                                      if (r.get(key) or {}).get("folder")})
 
     def swap_in(new, refresh_id: int, started: int) -> dict:
         """Serve ``new`` (refresh ``refresh_id``, computed from the weights before step ``started``) from now on."""

@@ -249,3 +249,18 @@ def test_a_failed_background_refresh_is_raised_in_the_training_thread(tmp_path, 
     job = BackgroundRefresh(model, config.retrieval, load_neighbours(store), tmp_path / "run", 1, 4, 6)
     with pytest.raises(RuntimeError, match="refresh 1 .*failed: disk full"):
         job.result()
+
+
+def test_refreshes_no_checkpoint_reads_give_back_their_arrays_but_keep_their_manifests(tmp_path):
+    store = line_store(tmp_path)
+    config = learned_config("train.steps=10", "train.checkpoint_interval=2", "train.keep_checkpoints=1",
+                            "train.eval_interval=0", "retrieval.refresh=0-:2", "retrieval.retriever_init=scratch",
+                            "retrieval.refresh_lag=1")
+    train(tmp_path / "run", store, config)
+    folders = sorted((tmp_path / "run" / "refresh").glob("refresh-*"))
+    assert [f.name for f in folders] == [f"refresh-{i:04d}" for i in range(1, 6)]  # before 0, 2, 4, 6 and 8
+    assert all((f / "manifest.json").is_file() for f in folders)
+    with_arrays = [f.name for f in folders if list(f.glob("*.npy"))]
+    assert with_arrays == ["refresh-0005"]  # the one the last (only kept) checkpoint trained with
+    result = evaluate_run(tmp_path / "run", "valid")
+    assert [r["refresh"] for r in result["refreshes"]] == [1, 2, 3, 4, 5]
