@@ -235,6 +235,7 @@ def cmd_generate(args) -> int:
                              f"{rcfg['chunk_size']}; rebuild with `knnformer index {store.path} --chunk-size "
                              f"{rcfg['chunk_size']} --force`")
         k = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else args.k
+        retriever.hops = rcfg.get("hops", 1) if rcfg["enabled"] else 1  # search as the run was trained
         retrieving = RetrievingGenerator(model, retriever, k, rcfg["continuation"],
                                          feed_model=rcfg["enabled"] and args.retrieval != "off")
         new_ids = retrieving.sample(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,

@@ -514,14 +514,25 @@ class Retriever:
     layout: ChunkLayout
     index: DenseIndex | BM25Index
     embedder: object
+    hops: int = 1
+    """1, or 2 for a run trained with ``retrieval.hops=2`` (see ``neighbours``)."""
 
     def search(self, texts: list[str], k: int) -> SearchResult:
         """The ``k`` nearest train chunks of each text."""
         return self.index.search(texts if self.embedder.sparse else self.embedder.embed(texts), k)
 
     def neighbours(self, texts: list[str], k: int, pad_id: int = 0) -> NeighbourBatch:
-        """Like ``Neighbours.for_chunks`` for chunks of new text: (len(texts), k, 2C) tokens and mask."""
+        """Like ``Neighbours.for_chunks`` for chunks of new text: (len(texts), k, 2C) tokens and mask. With
+        ``hops`` = 2, as the run was trained: the first hop's top neighbour, then the second hop's results (its
+        query: the text joined with that neighbour's text), as ``hops.merge_hops`` orders them."""
         D, I = self.search(texts, k)
+        if self.hops == 2:
+            from knnformer.hops import merge_hops
+
+            first = chunk_texts(self.store, self.layout, np.maximum(I[:, 0], 0))
+            D2, I2 = self.search([t + f if i >= 0 else t for t, f, i in zip(texts, first, I[:, 0])], k)
+            I, D = merge_hops(I, D, I2, D2, k)
+            I, D = I.astype(np.int64), D.astype(np.float32)
         tokens, mask = neighbour_tokens(self.store, self.layout, I, pad_id)
         return NeighbourBatch(tokens, mask, I, np.where(I >= 0, D, 0).astype(np.float32))
 

@@ -124,3 +124,24 @@ def test_a_learned_refresh_computes_both_hops(hop_store, tmp_path):
     assert_no_leakage(two)
     result = evaluate_run(tmp_path / "run", "valid", gain_windows=0)
     assert result["second_hop"]["trained_with_hops"] == 2
+
+
+def test_generation_retrieves_both_hops_like_the_precomputed_ones(hop_store):
+    """Live retrieval for a two-hop run: a valid chunk's text gets the two-hop neighbours stored for it (valid
+    chunks search all of train, so live and precomputed searches agree; up to the order of exact duplicates,
+    which this corpus of repeated lines is full of: their texts and scores agree)."""
+    from knnformer.neighbours import open_retriever
+
+    two = load_neighbours(hop_store, hops=2)
+    lo, hi = two.layout.split_chunks["valid"]
+    q = np.arange(lo, min(hi, lo + 20))
+    texts = chunk_texts(hop_store, two.layout, q)
+    retriever = open_retriever(hop_store)
+    one_hop = retriever.neighbours(texts, two.k).scores
+    retriever.hops = 2
+    live = retriever.neighbours(texts, two.k)
+    stored = two.for_chunks(q[:, None], two.k)
+    assert np.array_equal(live.tokens[..., :C], stored.tokens[:, 0, :, :C])
+    assert np.allclose(live.scores, np.asarray(two.scores)[q].astype(np.float32), atol=2e-3)
+    assert not np.allclose(one_hop, live.scores, atol=2e-3)  # the second hop's query scored them
+    assert live.tokens.shape == (len(q), two.k, 2 * C)
