@@ -262,6 +262,10 @@ class RetrievalConfig:
     refresh). -1: half the shortest interval of the schedule."""
     refresh_index: str = "auto"
     """Index kind a refresh builds (auto, flat, hnsw or ivfpq; auto as in ``knnformer index``)."""
+    refresh_ef_search: int = 64
+    """Search breadth of a refresh's HNSW index (``knnformer index`` uses 256): on sympy's learned vectors recall@10
+    0.969 instead of 0.989 for 3.5x less search time, the largest part of a refresh there. The recall floor below
+    still applies."""
     refresh_recall_floor: float = 0.9
     """A refreshed approximate index whose recall@10 against exact search falls below this is replaced by an
     exact (flat) one."""
@@ -318,6 +322,8 @@ class RetrievalConfig:
             raise ValueError(f"retrieval.retriever_dim must be >= 0 (0 = model.dim), got {self.retriever_dim}")
         if self.hops not in (1, 2):
             raise ValueError(f"retrieval.hops must be 1 or 2, got {self.hops}")
+        if self.refresh_ef_search < 1:
+            raise ValueError(f"retrieval.refresh_ef_search must be >= 1, got {self.refresh_ef_search}")
         if not 0.0 <= self.refresh_recall_floor <= 1.0:
             raise ValueError(f"retrieval.refresh_recall_floor must be in [0, 1], got {self.refresh_recall_floor}")
         if self.refresh or self.retriever_init == "scratch":

@@ -113,8 +113,11 @@ class DenseIndex:
     search re-scores ``REFINE_FACTOR`` times k candidates exactly: the compressed codes pick candidates, the
     stored vectors order them. Only the candidates' rows are read from disk."""
 
-    def __init__(self, index, kind: str, refine: np.ndarray | None = None):
+    def __init__(self, index, kind: str, refine: np.ndarray | None = None, ef_search: int = 0):
         self.index, self.kind, self.refine = index, kind, refine
+        self.ef_search = ef_search or EF_SEARCH
+        """HNSW's search breadth (at least k): recall against time. For the sympy learned retriever's vectors
+        (125k x 128): 256 -> recall@10 0.989, 12.1 s per 20k queries of 64; 64 -> 0.969, 3.4 s."""
 
     @property
     def ntotal(self) -> int:
@@ -125,7 +128,7 @@ class DenseIndex:
         xq = np.asarray(xq)
         k = int(min(k, self.ntotal))
         if self.kind == "hnsw":
-            self.index.hnsw.efSearch = max(EF_SEARCH, k)
+            self.index.hnsw.efSearch = max(self.ef_search, k)
         D = np.empty((len(xq), k), dtype=np.float32)
         I = np.empty((len(xq), k), dtype=np.int64)  # noqa: E741
         refine = self.refine is not None and self.kind == "ivfpq"

@@ -177,13 +177,16 @@ class DenseNeighbours(NamedTuple):
 
 def dense_neighbours(layout: ChunkLayout, vectors: np.ndarray, k: int, exclude_window: int,
                      exclude_same_document: bool, kind: str, seed: int = 0, progress: Progress = _no_progress,
-                     recall_floor: float = 0.0) -> DenseNeighbours:
+                     recall_floor: float = 0.0, ef_search: int = 0) -> DenseNeighbours:
     """Index the train rows of ``vectors`` ((num_chunks, d) unit rows, any float dtype, memory-mapped or not) with
     a ``kind`` index and compute every chunk's ``k`` nearest allowed train chunks under the leakage rules. An
-    approximate index whose recall@10 falls below ``recall_floor`` is replaced by an exact one."""
+    approximate index whose recall@10 (at HNSW breadth ``ef_search``; 0: the default) falls below
+    ``recall_floor`` is replaced by an exact one."""
     xb = vectors[: layout.num_train]
     t0 = time.perf_counter()
     built = build_dense_index(xb, kind, seed, progress("indexing", layout.num_train))
+    if ef_search:
+        built.ef_search = ef_search
     recall, recall_queries = measure_recall(built, xb, vectors, seed=seed)
     if recall < recall_floor and kind != "flat":
         logger.warning("the %s index's recall@10 %.3f is below the floor %.3f: using an exact index", kind, recall,

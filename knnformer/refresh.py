@@ -100,7 +100,7 @@ def refresh_folder(run_dir: str | Path, refresh_id: int) -> Path:
 
 def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id: int, step: int,
                        index: str = "auto", recall_floor: float = 0.0, seed: int = 0,
-                       progress: Progress = _no_progress, hops: int = 1) -> Neighbours:
+                       progress: Progress = _no_progress, hops: int = 1, ef_search: int = 0) -> Neighbours:
     """Embed every chunk of ``base``'s datastore with ``model``'s learned retriever, index the train chunks, compute
     every chunk's neighbours under ``base``'s leakage rules (its ``exclude_window`` and document rule) and write
     refresh ``refresh_id`` of the run; returns the new neighbours (as many per chunk as ``base`` holds). With
@@ -113,7 +113,7 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
     embed_s = time.perf_counter() - t0
     kind = choose_index_kind(layout.num_train, vectors.shape[1]) if index == "auto" else index
     dense = dense_neighbours(layout, vectors, base.k, base.info["exclude_window"],
-                             base.info["exclude_same_document"], kind, seed, progress, recall_floor)
+                             base.info["exclude_same_document"], kind, seed, progress, recall_floor, ef_search)
     hop2 = None
     if hops == 2:
         from knnformer.hops import second_hop, second_hop_tokens
@@ -133,7 +133,7 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
                                                "exclude_same_document")},
             "embedder": "learned", "embedder_fingerprint": f"learned:refresh-{refresh_id}",
             "file": NEIGHBOURS_FILE, "scores_file": SCORES_FILE, "k": base.k, "num_chunks": layout.num_chunks,
-            "index_kind": dense.kind,
+            "index_kind": dense.kind, "ef_search": dense.index.ef_search if dense.kind == "hnsw" else None,
             "num_short_rows": dense.num_short, "refresh": refresh_id, "step": step,
             "recall_at_10": round(dense.recall, 4), "recall_queries": dense.recall_queries,
             "recall_floor": recall_floor, "embed_seconds": round(embed_s, 3),

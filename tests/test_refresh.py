@@ -108,6 +108,27 @@ def test_refreshed_index_recall_stays_above_the_floor(tmp_path, kind):
     assert strict.info["index_kind"] == "flat" and strict.info["recall_at_10"] == 1.0
 
 
+def test_a_refresh_searches_its_hnsw_index_as_wide_as_configured_and_records_it(tmp_path):
+    from knnformer.index import build_dense_index
+
+    store = line_store(tmp_path)
+    config = learned_config()
+    torch.manual_seed(0)
+    model = Transformer(config.model, config.retrieval)
+    narrow = refresh_neighbours(model, load_neighbours(store), tmp_path / "run", 1, 0, index="hnsw", ef_search=1)
+    wide = refresh_neighbours(model, load_neighbours(store), tmp_path / "run", 2, 0, index="hnsw", ef_search=512)
+    assert (narrow.info["ef_search"], wide.info["ef_search"]) == (1, 512)  # (recall: ties blur it on this corpus)
+    index = build_dense_index(np.asarray(wide.vectors[: wide.layout.num_train], np.float32), "hnsw")
+    index.ef_search = 5
+    q = np.asarray(wide.vectors[:4], np.float32)
+    index.search(q, 3)
+    assert index.index.hnsw.efSearch == 5
+    index.search(q, 20)
+    assert index.index.hnsw.efSearch == 20  # never narrower than k
+    with pytest.raises(ValueError, match="refresh_ef_search"):
+        learned_config("retrieval.refresh_ef_search=0")
+
+
 def losses(run):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
