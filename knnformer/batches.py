@@ -22,14 +22,19 @@ class Batch:
     neighbours: torch.Tensor | None = None  # (B, S, K, R) neighbour token ids
     neighbour_mask: torch.Tensor | None = None  # (B, S, K, R) True where a neighbour token exists
     neighbour_ids: np.ndarray | None = None  # (B, S, K) train chunk ids, -1 for none
+    retrieval_vectors: tuple[torch.Tensor, torch.Tensor] | None = None  # see relevance_vectors
 
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        vectors = None if self.retrieval_vectors is None else tuple(v.to(device) for v in self.retrieval_vectors)
         return Batch(self.x.to(device), self.y.to(device), move(self.neighbours), move(self.neighbour_mask),
-                     self.neighbour_ids)
+                     self.neighbour_ids, vectors)
 
     def model_inputs(self) -> dict:
-        return {"neighbours": self.neighbours, "neighbour_mask": self.neighbour_mask}
+        inputs = {"neighbours": self.neighbours, "neighbour_mask": self.neighbour_mask}
+        if self.retrieval_vectors is not None:
+            inputs["retrieval_vectors"] = self.retrieval_vectors
+        return inputs
 
 
 def window_rows(data: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
@@ -56,13 +61,35 @@ def neighbour_inputs(neighbours: Neighbours, split: str, starts: np.ndarray, len
     return torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(mask)), nb.ids
 
 
+def relevance_vectors(vectors: np.ndarray, neighbours: Neighbours, split: str, starts: np.ndarray, length: int,
+                      neighbour_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a learned retriever reading the frozen embedder (``retrieval.retriever_input=embedder``): the rows of
+    ``vectors`` (the datastore's embeddings, every chunk) of each slot's query chunk (B, S, De) and of each
+    neighbour ``neighbour_ids`` (B, S, K) -> (B, S, K, De), float32, zeros for -1 (no chunk). Windows as in
+    ``neighbour_inputs``; slot s's query is the chunk whose neighbours it reads."""
+    C = neighbours.chunk_size
+    lo, _ = neighbours.store.split_range(split)
+    S = length // C + 1
+    query = neighbours.window_chunk_ids(split, lo + np.asarray(starts, dtype=np.int64), length + C, previous=True)
+    return gather_rows(vectors, query[:, :S]), gather_rows(vectors, np.asarray(neighbour_ids))
+
+
+def gather_rows(vectors: np.ndarray, ids: np.ndarray) -> torch.Tensor:
+    """Rows of ``vectors`` at ``ids`` (any shape) as float32 (*ids.shape, d), zeros where ids < 0."""
+    ids = np.asarray(ids, dtype=np.int64)
+    rows = np.asarray(vectors[np.maximum(ids, 0).reshape(-1)], dtype=np.float32).reshape(*ids.shape, -1)
+    rows[ids < 0] = 0
+    return torch.from_numpy(rows)
+
+
 class WindowSampler:
     """Random training windows of a split, seeded by ``generator``; chunk-aligned when retrieving."""
 
     def __init__(self, data: np.ndarray, context: int, neighbours: Neighbours | None = None, split: str = "train",
-                 k: int = 2, continuation: bool = True, past: bool = False):
+                 k: int = 2, continuation: bool = True, past: bool = False, vectors: np.ndarray | None = None):
         self.data, self.context, self.neighbours = data, context, neighbours
         self.split, self.k, self.continuation, self.past = split, k, continuation, past
+        self.vectors = vectors  # the frozen embedder's, for a learned retriever reading them
         if len(data) < context + 2:
             raise ValueError(f"the {split} split has {len(data)} tokens, fewer than one window of {context + 1}")
 
@@ -77,4 +104,6 @@ class WindowSampler:
         rows = window_rows(self.data, starts, T)
         tokens, mask, ids = neighbour_inputs(self.neighbours, self.split, starts, T, self.k, self.continuation,
                                              self.past)
-        return Batch(rows[:, :-1], rows[:, 1:], tokens, mask, ids)
+        vectors = None if self.vectors is None else relevance_vectors(self.vectors, self.neighbours, self.split,
+                                                                      starts, T, ids)
+        return Batch(rows[:, :-1], rows[:, 1:], tokens, mask, ids, vectors)

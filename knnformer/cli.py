@@ -221,6 +221,7 @@ def cmd_generate(args) -> int:
     if rcfg["enabled"] and args.retrieval != "off" or args.show_neighbours or args.json:
         from knnformer.neighbours import open_retriever
         from knnformer.refresh import open_run_retriever
+        from knnformer.retriever import frozen_vectors, reads_embedder
 
         try:
             # a learned run that refreshed searches its own last refresh with its own retriever
@@ -236,8 +237,13 @@ def cmd_generate(args) -> int:
                              f"{rcfg['chunk_size']} --force`")
         k = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else args.k
         retriever.hops = rcfg.get("hops", 1) if rcfg["enabled"] else 1  # search as the run was trained
-        retrieving = RetrievingGenerator(model, retriever, k, rcfg["continuation"],
-                                         feed_model=rcfg["enabled"] and args.retrieval != "off")
+        feed = rcfg["enabled"] and args.retrieval != "off"
+        frozen = None
+        if feed and reads_embedder(rcfg):  # the relevance bias reads the frozen embedder's vectors
+            from knnformer.embedders import make_embedder
+
+            frozen = (make_embedder(rcfg["embedder"]), frozen_vectors(store, rcfg))
+        retrieving = RetrievingGenerator(model, retriever, k, rcfg["continuation"], feed_model=feed, frozen=frozen)
         new_ids = retrieving.sample(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                     tokenizer.eot_id)
     else:

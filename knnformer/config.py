@@ -240,6 +240,15 @@ class RetrievalConfig:
     """Where a learned retriever's neighbours start: ``frozen`` trains on the datastore's neighbours (its frozen
     embedder's) until the first scheduled refresh after step 0; ``scratch`` refreshes at step 0, so every
     neighbour comes from the learned retriever."""
+    retriever_input: Literal["tokens", "embedder"] = "tokens"
+    """What a learned retriever reads. ``tokens``: the chunk's tokens through decoder blocks 0 ..
+    ``retriever_layer`` (the model embeds every query and neighbour chunk itself, and a refresh re-embeds every
+    chunk). ``embedder``: the datastore's frozen embedder vectors of the chunk (e.g. minilm's), through the learned
+    projection, initialised to the identity: the retriever starts exactly at the frozen embedder's neighbours and
+    learns to re-weigh its dimensions (Atlas-style adaptation); a step costs about what a frozen one does and a
+    refresh only projects the stored vectors before re-indexing. Needs a dense embedder's index (not bm25)."""
+    retriever_input_dim: int = 0
+    """Width of the frozen embedder's vectors for ``retriever_input=embedder`` (filled in from the datastore)."""
     retriever_layer: int = 0
     """A learned retriever reads decoder blocks 0 .. this one, run on the chunk's tokens alone, mean-pooled. 0 (one
     block) keeps its cost per neighbour chunk at 1/num_layers of a decoder pass; the layer of the first
@@ -322,6 +331,10 @@ class RetrievalConfig:
             raise ValueError(f"retrieval.retriever_dim must be >= 0 (0 = model.dim), got {self.retriever_dim}")
         if self.hops not in (1, 2):
             raise ValueError(f"retrieval.hops must be 1 or 2, got {self.hops}")
+        if self.retriever == "learned" and self.retriever_input == "embedder" and self.hops == 2:
+            raise ValueError("retrieval.hops=2 with retrieval.retriever_input=embedder would embed every chunk "
+                             "joined with its neighbour with the frozen embedder at each refresh; use hops=1, or "
+                             "retriever_input=tokens")
         if self.refresh_ef_search < 1:
             raise ValueError(f"retrieval.refresh_ef_search must be >= 1, got {self.refresh_ef_search}")
         if not 0.0 <= self.refresh_recall_floor <= 1.0:

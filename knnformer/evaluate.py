@@ -39,9 +39,37 @@ def window_plan(num_tokens: int, context: int, stride: int) -> list[tuple[int, i
     return plan
 
 
-NeighbourFn = Callable[[np.ndarray, int], tuple[torch.Tensor, torch.Tensor]]
+NeighbourFn = Callable[[np.ndarray, int], tuple]
 """``neighbours(begins, length)``: neighbour tokens and mask (B, S, K, R) for windows of ``length`` tokens
-starting at split-relative ``begins``."""
+starting at split-relative ``begins``, and for a learned retriever reading the frozen embedder a third item,
+its ``retrieval_vectors`` (``batches.relevance_vectors``)."""
+
+
+def neighbour_model_inputs(out: tuple, device, rows: int | None = None) -> dict:
+    """The model's keyword inputs from a ``NeighbourFn``'s result, on ``device``; with ``rows``, a batch of one
+    window repeated ``rows`` times (the mask is the caller's)."""
+    nb, mask, *rest = out
+    grow = (lambda t: t.expand(rows, *t.shape[1:])) if rows else (lambda t: t)  # noqa: E731
+    inputs = {"neighbours": grow(nb).to(device), "neighbour_mask": mask.to(device)}
+    if rest and rest[0] is not None:
+        inputs["retrieval_vectors"] = tuple(grow(v).to(device) for v in rest[0])
+    return inputs
+
+
+def neighbour_fn_for(neighbours, split: str, k: int, continuation: bool, past: bool,
+                     frozen: np.ndarray | None = None) -> NeighbourFn:
+    """The ``NeighbourFn`` serving ``neighbours`` (a ``Neighbours``) as training served them: ``k`` per slot,
+    with their continuation, merged with the document's past, and with ``frozen`` (the frozen embedder's
+    vectors, for a learned retriever reading them) the retrieval vectors."""
+    from knnformer.batches import neighbour_inputs, relevance_vectors
+
+    def fn(begins: np.ndarray, length: int):
+        nb, mask, ids = neighbour_inputs(neighbours, split, begins, length, k, continuation, past)
+        if frozen is None:
+            return nb, mask
+        return nb, mask, relevance_vectors(frozen, neighbours, split, begins, length, ids)
+
+    return fn
 
 
 def window_batches(tokens: np.ndarray, plan: list[tuple[int, int, int]], batch_size: int,
@@ -58,8 +86,7 @@ def window_batches(tokens: np.ndarray, plan: list[tuple[int, int, int]], batch_s
         rows = np.stack([tokens[b : b + n + 1] for b, _, _ in group]).astype(np.int64)
         inputs = {}
         if neighbours is not None:
-            nb, mask = neighbours(np.array([g[0] for g in group]), n)
-            inputs = {"neighbours": nb.to(device), "neighbour_mask": mask.to(device)}
+            inputs = neighbour_model_inputs(neighbours(np.array([g[0] for g in group]), n), device)
         yield group, n, torch.from_numpy(rows[:, :-1]).to(device), torch.from_numpy(rows[:, 1:]), inputs
         i += len(group)
 
@@ -208,7 +235,8 @@ def neighbour_gain(model: Transformer, tokens: np.ndarray, neighbours: Neighbour
     for begin in chosen * context:
         rows = torch.from_numpy(np.asarray(tokens[begin : begin + context + 1]).astype(np.int64))[None]
         x, y = rows[:, :-1], rows[:, 1:]
-        nb, mask = neighbours(np.array([begin]), context)  # (1, S, K, R)
+        served = neighbours(np.array([begin]), context)  # tokens and mask (1, S, K, R)
+        mask = served[1]
         S, K = mask.shape[1:3]
         serving = [s for s in range(S) if len(range(*served_positions(s, C, context)))]
         pairs = [(s, j) for s in serving for j in range(K) if bool(mask[0, s, j].any())]
@@ -218,9 +246,9 @@ def neighbour_gain(model: Transformer, tokens: np.ndarray, neighbours: Neighbour
         losses = []
         for b in range(0, len(masks), batch_size):
             m = masks[b : b + batch_size]
+            inputs = {**neighbour_model_inputs(served, device, len(m)), "neighbour_mask": m.to(device)}
             with autocast(dtype, device):
-                logits, _ = model(x.expand(len(m), -1).to(device), neighbours=nb.expand(len(m), -1, -1, -1).to(device),
-                                  neighbour_mask=m.to(device))
+                logits, _ = model(x.expand(len(m), -1).to(device), **inputs)
             losses.append(F.cross_entropy(logits.float().transpose(1, 2), y.expand(len(m), -1).to(device),
                                           reduction="none").cpu().numpy())
         losses = np.concatenate(losses)
@@ -317,7 +345,7 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     any neighbours in the datastore, RETRO's overlap-filtered bits per byte. With retrieval on and
     ``gain_windows`` > 0, ``neighbour_gain`` says what each served neighbour was worth (see ``neighbour_gain``);
     for a run with a learned retriever, ``refreshes`` lists each refresh's index recall."""
-    from knnformer.batches import neighbour_inputs
+    from knnformer.retriever import frozen_vectors
 
     model, record, ckpt_path = load_run(run_dir)
     store = open_run_datastore(record, datastore)
@@ -340,12 +368,10 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     dtype = record["config"]["train"]["dtype"]
     token_bytes = store.tokenizer.token_bytes
 
-    def neighbour_fn(chosen) -> NeighbourFn:
-        def fn(begins, length):
-            nb, mask, _ = neighbour_inputs(chosen, split, begins, length, k, continuation, past)
-            return nb, mask
+    frozen = frozen_vectors(store, rcfg) if use_retrieval else None
 
-        return fn
+    def neighbour_fn(chosen) -> NeighbourFn:
+        return neighbour_fn_for(chosen, split, k, continuation, past, frozen)
 
     nb_fn = neighbour_fn(neighbours)
 

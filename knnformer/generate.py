@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from knnformer.model import Transformer, empty_cache
@@ -89,11 +90,16 @@ class RetrievingGenerator:
     Without a KV cache: each step runs the window, which starts on the chunk grid (cheap at these context sizes).
     Every retrieval is kept with its latency, so the caller can show which neighbours served which chunk."""
 
-    def __init__(self, model: Transformer, retriever, k: int, continuation: bool = True, feed_model: bool = True):
+    def __init__(self, model: Transformer, retriever, k: int, continuation: bool = True, feed_model: bool = True,
+                 frozen: tuple | None = None):
+        """``frozen``: for a learned retriever reading the frozen embedder, (that embedder, the datastore's vectors
+        of every chunk): each retrieved chunk's text and neighbours get their vectors for the relevance bias."""
         self.model, self.retriever, self.k = model, retriever, k
         self.C = retriever.layout.chunk_size
         self.continuation, self.feed_model = continuation, feed_model
+        self.frozen = frozen
         self.retrieved: dict[int, object] = {}  # sequence chunk index -> NeighbourBatch row
+        self.query_vectors: dict[int, np.ndarray] = {}  # sequence chunk index -> frozen vector (with ``frozen``)
         self.latencies_ms: list[float] = []
 
     def retrieve(self, ids: list[int], chunk: int) -> None:
@@ -106,21 +112,34 @@ class RetrievingGenerator:
         nb = self.retriever.neighbours([text], self.k)
         self.latencies_ms.append(1000 * (time.perf_counter() - t0))
         self.retrieved[chunk] = nb
+        if self.frozen is not None:
+            self.query_vectors[chunk] = np.asarray(self.frozen[0].embed([text])[0], dtype=np.float32)
 
-    def slot_inputs(self, ids: list[int], w0: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Neighbours (1, S, K, R) and mask for the window ``ids[w0 : w0 + length]`` (w0 on the chunk grid)."""
+    def slot_inputs(self, ids: list[int], w0: int, length: int) -> dict:
+        """The model's neighbour inputs for the window ``ids[w0 : w0 + length]`` (w0 on the chunk grid):
+        neighbours (1, S, K, R) and mask, and with ``frozen`` the retrieval vectors."""
+        from knnformer.batches import gather_rows
+
         C, K = self.C, self.k
         R = 2 * C if self.continuation else C
         S = length // C + 1
         tokens = torch.zeros(1, S, K, R, dtype=torch.long)
         mask = torch.zeros(1, S, K, R, dtype=torch.bool)
+        neighbour_ids = np.full((1, S, K), -1, dtype=np.int64)
+        query = None if self.frozen is None else torch.zeros(1, S, self.frozen[1].shape[1])
         for s in range(S):
             chunk = w0 // C + s - 1
             if chunk >= 0 and chunk in self.retrieved:
                 nb = self.retrieved[chunk]
                 tokens[0, s] = torch.from_numpy(nb.tokens[0, :, :R])
                 mask[0, s] = torch.from_numpy(nb.mask[0, :, :R])
-        return tokens, mask
+                neighbour_ids[0, s] = nb.ids[0, :K]
+                if query is not None:
+                    query[0, s] = torch.from_numpy(self.query_vectors[chunk])
+        inputs = {"neighbours": tokens, "neighbour_mask": mask}
+        if query is not None:
+            inputs["retrieval_vectors"] = (query, gather_rows(self.frozen[1], neighbour_ids))
+        return inputs
 
     def sample(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop_id: int | None = None) -> Iterator[int]:
@@ -153,8 +172,7 @@ class RetrievingGenerator:
             window = ids[w0:]
             inputs = {}
             if self.feed_model and self.model.retrieval is not None:
-                nb, mask = self.slot_inputs(ids, w0, len(window))
-                inputs = {"neighbours": nb, "neighbour_mask": mask}
+                inputs = self.slot_inputs(ids, w0, len(window))
             logits, _ = self.model(torch.tensor([window]), **inputs)
             last = logits[:, -1]
             if temperature == 0:

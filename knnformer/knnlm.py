@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from knnformer.checkpoint import file_sha256
 from knnformer.datastore import Datastore
-from knnformer.evaluate import (NeighbourFn, filtered_figures, load_run, open_run_datastore, run_neighbours,
-                                split_overlaps, window_batches, window_plan)
+from knnformer.evaluate import (NeighbourFn, filtered_figures, load_run, neighbour_fn_for, open_run_datastore,
+                                run_neighbours, split_overlaps, window_batches, window_plan)
 from knnformer.index import faiss_threads
 from knnformer.model import Transformer
 from knnformer.trainer import autocast
@@ -546,7 +546,7 @@ def _retrieval_inputs(record: dict, store: Datastore, retrieval: str, run_dir: s
     neighbours ``evaluate`` gives it (for a learned retriever, those of the run's last refresh in ``run_dir``;
     with ``retrieval.sources=train,past``, merged with the document's past), and what identifies them; for a
     plain LM (or retrieval off): None, None."""
-    from knnformer.batches import neighbour_inputs
+    from knnformer.retriever import frozen_vectors
 
     if retrieval not in ("auto", "on", "off"):
         raise ValueError(f"--retrieval must be on or off, got {retrieval!r}")
@@ -563,12 +563,10 @@ def _retrieval_inputs(record: dict, store: Datastore, retrieval: str, run_dir: s
     if past:  # stores built before ``past`` existed keep their identity
         identity["past"] = True
 
-    def for_split(split: str) -> NeighbourFn:
-        def fn(begins: np.ndarray, length: int):
-            nb, mask, _ = neighbour_inputs(neighbours, split, begins, length, k, continuation, past)
-            return nb, mask
+    frozen = frozen_vectors(store, rcfg)
 
-        return fn
+    def for_split(split: str) -> NeighbourFn:
+        return neighbour_fn_for(neighbours, split, k, continuation, past, frozen)
 
     return for_split, identity
 

@@ -215,7 +215,8 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | PerformerCache | None = None, neighbours: torch.Tensor | None = None,
-                      neighbour_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      neighbour_mask: torch.Tensor | None = None,
+                      retrieval_vectors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Final normed hidden states (B, T, D) of token ids (B, T). With ``neighbours`` (B, S, K, R) token ids
         and their ``neighbour_mask`` (B, S, K, R), the retrieval layers read them (see retro.py); without, the
         model is exactly the plain decoder."""
@@ -230,7 +231,8 @@ class Transformer(nn.Module):
             raise ValueError("retrieval runs without a KV cache")
         encoded = relevance = None
         if retrieve and self.retrieval.retriever is not None:  # a learned retriever scores the neighbours
-            relevance = self.retrieval.retriever.relevance(self, idx, neighbours, neighbour_mask)  # (B, S, K)
+            relevance = self.retrieval.retriever.relevance(self, idx, neighbours, neighbour_mask,
+                                                           retrieval_vectors)  # (B, S, K)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
             if retrieve and i in self.retrieval.layers:
@@ -243,9 +245,11 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | PerformerCache | None = None,
-                neighbours: torch.Tensor | None = None, neighbour_mask: torch.Tensor | None = None):
-        """Logits (B, T, V); with ``targets`` (B, T) also the mean cross-entropy in nats."""
-        h = self.hidden_states(idx, cache, neighbours, neighbour_mask)
+                neighbours: torch.Tensor | None = None, neighbour_mask: torch.Tensor | None = None,
+                retrieval_vectors: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Logits (B, T, V); with ``targets`` (B, T) also the mean cross-entropy in nats. ``retrieval_vectors``:
+        for a learned retriever reading the frozen embedder (retriever.py)."""
+        h = self.hidden_states(idx, cache, neighbours, neighbour_mask, retrieval_vectors)
         logits = F.linear(h, self.embed.weight)  # (B, T, V)
         if targets is None:
             return logits, None

@@ -42,7 +42,7 @@ from knnformer.datastore import Datastore
 from knnformer.hops import HOP2_FILE, HOP2_SCORES_FILE
 from knnformer.index import choose_index_kind
 from knnformer.neighbours import NEIGHBOURS_FILE, SCORES_FILE, Neighbours, Progress, _no_progress, dense_neighbours
-from knnformer.retriever import embed_all_chunks
+from knnformer.retriever import embed_all_chunks, project_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +100,23 @@ def refresh_folder(run_dir: str | Path, refresh_id: int) -> Path:
 
 def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id: int, step: int,
                        index: str = "auto", recall_floor: float = 0.0, seed: int = 0,
-                       progress: Progress = _no_progress, hops: int = 1, ef_search: int = 0) -> Neighbours:
+                       progress: Progress = _no_progress, hops: int = 1, ef_search: int = 0,
+                       frozen: np.ndarray | None = None) -> Neighbours:
     """Embed every chunk of ``base``'s datastore with ``model``'s learned retriever, index the train chunks, compute
     every chunk's neighbours under ``base``'s leakage rules (its ``exclude_window`` and document rule) and write
     refresh ``refresh_id`` of the run; returns the new neighbours (as many per chunk as ``base`` holds). With
     ``hops=2`` the second hop's too (its query: the retriever's embedding of the chunk's tokens joined with its
-    first neighbour's, see hops.py), and those are returned."""
+    first neighbour's, see hops.py), and those are returned. A retriever reading the frozen embedder projects
+    ``frozen`` (the datastore's vectors of every chunk) instead of embedding tokens."""
     store, layout = base.store, base.layout
     t0 = time.perf_counter()
-    vectors = embed_all_chunks(model, store.tokens, layout.starts, layout.ends,
-                               progress=progress("embedding", layout.num_chunks))
+    if model.retrieval.retriever.reads_embedder:  # project the frozen embedder's stored vectors
+        if frozen is None:
+            raise ValueError("this learned retriever reads the frozen embedder's vectors: pass them (frozen=)")
+        vectors = project_vectors(model, frozen, progress=progress("projecting", layout.num_chunks))
+    else:
+        vectors = embed_all_chunks(model, store.tokens, layout.starts, layout.ends,
+                                   progress=progress("embedding", layout.num_chunks))
     embed_s = time.perf_counter() - t0
     kind = choose_index_kind(layout.num_train, vectors.shape[1]) if index == "auto" else index
     dense = dense_neighbours(layout, vectors, base.k, base.info["exclude_window"],
@@ -267,7 +274,7 @@ def open_run_retriever(model, store: Datastore, run_dir: str | Path, record: dic
     ``open_retriever``)."""
     from knnformer.index import build_dense_index
     from knnformer.neighbours import Retriever
-    from knnformer.retriever import LearnedEmbedder
+    from knnformer.retriever import LearnedEmbedder, ProjectedEmbedder, reads_embedder
 
     refresh = record.get("refresh") or {}
     if not refresh.get("id"):
@@ -277,8 +284,12 @@ def open_run_retriever(model, store: Datastore, run_dir: str | Path, record: dic
 
     nb = load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]))
     index = build_dense_index(nb.vectors[: nb.layout.num_train], "flat")
-    return Retriever(store, nb.layout, index, LearnedEmbedder(model, store.tokenizer,
-                                                              f"learned:refresh-{refresh['id']}"))
+    name = f"learned:refresh-{refresh['id']}"
+    if reads_embedder(rcfg):
+        from knnformer.embedders import make_embedder
+
+        return Retriever(store, nb.layout, index, ProjectedEmbedder(model, make_embedder(rcfg["embedder"]), name))
+    return Retriever(store, nb.layout, index, LearnedEmbedder(model, store.tokenizer, name))
 
 
 def prune_refreshes(run_dir: str | Path, keep: set[str]) -> int:

@@ -17,6 +17,12 @@ of j's keys, beta a learned scalar: the softmax gradient reaches q, z, W, beta a
 Slot 0's query chunk lies before the window, so it has no vector here: its bias is zero.
 Causality: slot s >= 1's query is window chunk s - 1, whose last token sits at s*C - 1, the first position
 slot s serves.
+
+``retrieval.retriever_input=embedder``: the vectors are ``normalize(W @ e)``, e the datastore's frozen embedder
+vector of the chunk (minilm's, say) and W (De, De) starting as the identity, so the retriever starts exactly at
+the frozen embedder's neighbours. The caller hands the model e of every slot's query chunk (slot 0's too: it is
+a datastore chunk before the window) and of every neighbour (``retrieval_vectors``, see batches.py); a refresh
+projects the stored vectors instead of running the model over the corpus.
 """
 
 from __future__ import annotations
@@ -38,10 +44,15 @@ class LearnedRetriever(nn.Module):
         super().__init__()
         self.layer = config.retriever_layer
         self.chunk_size = config.chunk_size
-        dim = config.retriever_dim or model.dim
-        self.proj = nn.Linear(model.dim, dim, bias=False)
+        self.reads_embedder = config.retriever_input == "embedder"
+        if self.reads_embedder and config.retriever_input_dim <= 0:
+            raise ValueError("retrieval.retriever_input=embedder needs retrieval.retriever_input_dim, the frozen "
+                             "embedder's width (train fills it in from the datastore)")
+        width = config.retriever_input_dim if self.reads_embedder else model.dim
+        dim = config.retriever_dim or width
+        self.proj = nn.Linear(width, dim, bias=False)
         self.beta = nn.Parameter(torch.tensor(float(config.relevance_beta)))
-        self.identity_init = dim == model.dim
+        self.identity_init = dim == width
 
     def reset_parameters(self) -> None:
         """Identity projection when widths match (see the module docstring); the model's init otherwise."""
@@ -61,9 +72,23 @@ class LearnedRetriever(nn.Module):
         pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)  # (N, D)
         return F.normalize(self.proj(pooled), dim=-1, eps=1e-6)
 
-    def relevance(self, decoder, idx: torch.Tensor, neighbours: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (..., Dr) of frozen embedder vectors (..., De) (``retriever_input=embedder``); zero rows
+        (no chunk) stay zero."""
+        return F.normalize(self.proj(vectors), dim=-1, eps=1e-6)
+
+    def relevance(self, decoder, idx: torch.Tensor, neighbours: torch.Tensor, mask: torch.Tensor,
+                  vectors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``cos(q_s, z_j)`` (B, S, K) for window tokens ``idx`` (B, T) and neighbour tokens/mask (B, S, K, R):
-        q_s from window chunk s - 1 (zero for slot 0), z_j from the neighbour's own first C tokens."""
+        q_s from window chunk s - 1 (zero for slot 0), z_j from the neighbour's own first C tokens. Reading the
+        embedder: from ``vectors`` = (frozen vectors of each slot's query chunk (B, S, De), of each neighbour
+        (B, S, K, De))."""
+        if self.reads_embedder:
+            if vectors is None:
+                raise ValueError("this model's learned retriever reads the frozen embedder's vectors "
+                                 "(retriever_input=embedder): pass retrieval_vectors with the neighbours")
+            q, z = self.project(vectors[0].float()), self.project(vectors[1].float())
+            return torch.einsum("bsd,bskd->bsk", q, z)
         B, S, K, R = neighbours.shape
         C = self.chunk_size
         z = self.embed(decoder, neighbours[..., :C].reshape(-1, C), mask[..., :C].reshape(-1, C))
@@ -77,6 +102,50 @@ class LearnedRetriever(nn.Module):
         """``beta * relevance`` on each of a neighbour's R keys: (B*S, 1, 1, K*R), added to CCA's logits."""
         B, S, K = relevance.shape
         return (self.beta * relevance).reshape(B * S, 1, 1, K, 1).expand(-1, -1, -1, -1, R).reshape(B * S, 1, 1, K * R)
+
+
+def reads_embedder(rcfg) -> bool:
+    """Whether a run's retrieval config (the dataclass or a run record's dict) has a learned retriever reading
+    the frozen embedder's vectors."""
+    get = rcfg.get if isinstance(rcfg, dict) else lambda key, default=None: getattr(rcfg, key, default)
+    return get("retriever") == "learned" and get("retriever_input", "tokens") == "embedder"
+
+
+def frozen_vectors(store, rcfg) -> np.ndarray | None:
+    """For a learned retriever reading the frozen embedder: the datastore's vectors of every chunk (memory-mapped;
+    the embedder and chunk size the run's neighbours came from, and the width it was built with), else None."""
+    if not reads_embedder(rcfg):
+        return None
+    from knnformer.neighbours import load_neighbours
+
+    get = rcfg.get if isinstance(rcfg, dict) else lambda key, default=None: getattr(rcfg, key, default)
+    base = load_neighbours(store, get("embedder") or None, get("chunk_size") or None)
+    if base.vectors is None:
+        raise ValueError(f"retrieval.retriever_input=embedder reads the frozen embedder's vectors, but "
+                         f"{store.path}'s neighbours ({base.info['embedder']}) have none stored: bm25 is not an "
+                         f"embedding; index with a dense embedder (`knnformer index {store.path} --embedder minilm`)"
+                         f", or use retriever_input=tokens")
+    width = get("retriever_input_dim") or 0
+    if width and base.vectors.shape[1] != width:
+        raise ValueError(f"the run's retriever reads {width}-wide embedder vectors, but {store.path} holds "
+                         f"{base.vectors.shape[1]}-wide ones; evaluate on the datastore it was trained on")
+    return base.vectors
+
+
+@torch.no_grad()
+def project_vectors(model, vectors: np.ndarray, batch_size: int = 65_536,
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """The learned retriever's unit vectors (N, Dr) float32 of frozen embedder vectors (N, De) (any float dtype,
+    memory-mapped or not), ``batch_size`` rows at a time: what a refresh indexes for ``retriever_input=embedder``."""
+    retriever = model.retrieval.retriever
+    out = np.zeros((len(vectors), retriever.proj.weight.shape[0]), dtype=np.float32)
+    device = retriever.proj.weight.device
+    for b in range(0, len(vectors), batch_size):
+        x = torch.from_numpy(np.asarray(vectors[b : b + batch_size], dtype=np.float32)).to(device)
+        out[b : b + len(x)] = retriever.project(x).cpu().numpy()
+        if progress is not None:
+            progress(len(x))
+    return out
 
 
 @torch.no_grad()
@@ -137,3 +206,17 @@ class LearnedEmbedder:
         for i, r in enumerate(rows):
             ids[i, : len(r)], mask[i, : len(r)] = r, True
         return embed_token_rows(self.model, ids, mask)
+
+
+class ProjectedEmbedder:
+    """A run's learned retriever reading the frozen embedder, as an embedder of text for live retrieval: the
+    frozen embedder's vectors of the texts through the run's projection."""
+
+    sparse = False
+
+    def __init__(self, model, frozen, name: str = "learned"):
+        self.model, self.frozen, self.name = model, frozen, name
+        self.dim = model.retrieval.retriever.proj.weight.shape[0]
+
+    def embed(self, texts) -> np.ndarray:
+        return project_vectors(self.model, self.frozen.embed(texts))

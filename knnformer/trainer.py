@@ -28,6 +28,7 @@ from knnformer.model import Transformer
 from knnformer.performer import redraw_features
 from knnformer.refresh import (BackgroundRefresh, FinishedRefresh, changed_share, load_refresh, parse_schedule,
                                prune_refreshes, refresh_due, refresh_folder, refresh_neighbours, resolved_lag)
+from knnformer.retriever import frozen_vectors
 from knnformer.moe import StatsMeter
 
 logger = logging.getLogger(__name__)
@@ -182,13 +183,16 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     neighbours = resolve_retrieval(config, datastore)
     rcfg = config.retrieval
     past = rcfg.enabled and "past" in rcfg.resolved_sources()
+    frozen = frozen_vectors(datastore, rcfg) if rcfg.enabled else None  # a learned retriever reading the embedder
+    if frozen is not None:
+        rcfg.retriever_input_dim = int(frozen.shape[1])
     train_sampler = WindowSampler(train_data, mcfg.context, neighbours, "train", rcfg.num_neighbours,
-                                  rcfg.continuation, past)
+                                  rcfg.continuation, past, frozen)
     valid_data = datastore.split_tokens("valid")
     valid_sampler = None
     if len(valid_data) >= mcfg.context + 2:
         valid_sampler = WindowSampler(valid_data, mcfg.context, neighbours, "valid",
-                                      rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation, past)
+                                      rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation, past, frozen)
     elif cfg.eval_interval:
         logger.warning("valid split has %d tokens, too few for a window of %d: periodic evaluation is off",
                        len(valid_data), mcfg.context + 1)
@@ -286,7 +290,7 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
                 t_refresh = time.perf_counter()
                 refresh_id = record["refresh"]["id"] + 1
                 kwargs = dict(index=rcfg.refresh_index, recall_floor=rcfg.refresh_recall_floor, seed=cfg.seed,
-                              hops=rcfg.hops, ef_search=rcfg.refresh_ef_search)
+                              hops=rcfg.hops, ef_search=rcfg.refresh_ef_search, frozen=frozen)
                 if lag and step > 0:  # in the background, swapped in before step + lag
                     pending = BackgroundRefresh(model, rcfg, neighbours, run_dir, refresh_id, step, step + lag,
                                                 **kwargs)

@@ -285,3 +285,50 @@ def test_refreshes_no_checkpoint_reads_give_back_their_arrays_but_keep_their_man
     assert with_arrays == ["refresh-0005"]  # the one the last (only kept) checkpoint trained with
     result = evaluate_run(tmp_path / "run", "valid")
     assert [r["refresh"] for r in result["refreshes"]] == [1, 2, 3, 4, 5]
+
+
+def test_a_retriever_reading_the_frozen_embedder_trains_refreshes_evaluates_and_generates(tmp_path, capsys):
+    """retriever_input=embedder: before training, a refresh (identity projection) finds exactly the datastore's
+    neighbours; after training with background refreshes, evaluate and generate read the run's own neighbours."""
+    from knnformer.batches import neighbour_inputs, relevance_vectors
+    from knnformer.cli import main
+
+    store = line_store(tmp_path)
+    base = load_neighbours(store)
+    config = learned_config("retrieval.retriever_input=embedder", "retrieval.refresh=0-:4", "train.steps=10",
+                            "train.eval_interval=5", "train.checkpoint_interval=10", "retrieval.refresh_lag=2")
+    config.retrieval.retriever_input_dim = base.vectors.shape[1]
+    torch.manual_seed(0)
+    untrained = Transformer(config.model, config.retrieval)
+    same = refresh_neighbours(untrained, base, tmp_path / "fresh", 1, 0, index="flat", frozen=base.vectors)
+    differ = np.asarray(same.ids) != np.asarray(base.ids)  # only among exact ties (this corpus repeats lines)
+    assert np.allclose(np.asarray(same.scores, np.float32), np.asarray(base.scores, np.float32), atol=2e-3)
+    assert differ.mean() < 0.1
+    # the vectors a batch hands the model: slot s's query chunk and its neighbours, rows of the stored vectors
+    starts = np.array([0, 2 * C])
+    _, _, ids = neighbour_inputs(base, "train", starts, 64, 2)
+    q, z = relevance_vectors(base.vectors, base, "train", starts, 64, ids)
+    assert torch.allclose(q[1, 1], torch.from_numpy(np.asarray(base.vectors[2], np.float32)))  # window chunk 0
+    assert torch.all(q[0, 0] == 0)  # before the split's first chunk: none
+    assert torch.allclose(z[1, 1, 0], torch.from_numpy(np.asarray(base.vectors[ids[1, 1, 0]], np.float32)))
+
+    config.retrieval.retriever_input_dim = 0  # train fills it in
+    train(tmp_path / "run", store, config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["refresh"], r["refresh_started"]) for r in rows if "refresh" in r] == [(1, 4)]
+    record = json.loads((latest_checkpoint(tmp_path / "run") / "config.json").read_text())
+    assert record["config"]["retrieval"]["retriever_input_dim"] == base.vectors.shape[1]
+    result = evaluate_run(tmp_path / "run", "valid")
+    assert result["neighbours"]["embedder"] == "learned" and result["neighbour_gain"]["pairs"] > 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "abc def ghi jkl mno pqr", "--max-new-tokens", "40",
+                 "--seed", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chunks"]
+
+
+def test_a_retriever_reading_the_embedder_refuses_bm25_neighbours(tmp_path):
+    store = line_store(tmp_path)
+    index_datastore(store.path, embedder="bm25", k=4, chunk_size=C, exclude_window=128, force=True)
+    config = learned_config("retrieval.retriever_input=embedder", "train.steps=2")
+    with pytest.raises(ValueError, match="bm25 is not an embedding"):
+        train(tmp_path / "run", Datastore.open(store.path), config)

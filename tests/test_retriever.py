@@ -82,3 +82,31 @@ def test_a_window_shorter_than_a_chunk_reads_only_slot_0():
     nb, mask = random_neighbours(1, 5)
     assert model.retrieval.retriever.relevance(model, x, nb, mask).abs().sum() == 0
     assert torch.isfinite(model(x, neighbours=nb, neighbour_mask=mask)[0]).all()
+
+
+def test_a_retriever_reading_the_frozen_embedder_starts_at_its_cosines_and_learns_from_the_lm_loss():
+    import torch.nn.functional as F
+
+    model = retro_model(retriever="learned", retriever_input="embedder", retriever_input_dim=24).train()
+    retriever = model.retrieval.retriever
+    x, y = torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))
+    nb, mask = random_neighbours(2, 32)
+    g = torch.Generator().manual_seed(3)
+    q, z = torch.randn(2, 5, 24, generator=g), torch.randn(2, 5, K, 24, generator=g)
+    z[1, 3, 1] = 0  # no neighbour there: no vector, cosine 0
+    rel = retriever.relevance(model, x, nb, mask, (q, z))
+    expected = torch.einsum("bsd,bskd->bsk", F.normalize(q, dim=-1), F.normalize(z, dim=-1, eps=1e-6))
+    assert torch.allclose(rel, expected, atol=1e-6) and rel[1, 3, 1] == 0  # identity projection at the start
+    _, loss = model(x, y, neighbours=nb, neighbour_mask=mask, retrieval_vectors=(q, z))
+    loss.backward()
+    assert retriever.proj.weight.grad.abs().sum() > 0 and retriever.beta.grad.abs() > 0
+    # it reads no tokens: the decoder's first block learns nothing through the retriever
+    model.zero_grad()
+    retriever.relevance(model, x, nb, mask, (q, z)).sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad is None
+    try:
+        model(x, y, neighbours=nb, neighbour_mask=mask)
+    except ValueError as e:
+        assert "retrieval_vectors" in str(e)
+    else:
+        raise AssertionError("a retriever reading the embedder ran without its vectors")
