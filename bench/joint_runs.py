@@ -32,6 +32,8 @@ VARIANTS = {
     "bm25": ("bm25", ["retrieval.enabled=true"]),
     "minilm": ("minilm", ["retrieval.enabled=true"]),
     "learned": ("minilm", ["retrieval.enabled=true", "retrieval.retriever=learned", "retrieval.refresh={refresh}"]),
+    "learned-emb": ("minilm", ["retrieval.enabled=true", "retrieval.retriever=learned",
+                               "retrieval.retriever_input=embedder", "retrieval.refresh={refresh}"]),
     "minilm-past": ("minilm", ["retrieval.enabled=true", "retrieval.sources=train,past"]),
     "bm25-past": ("bm25", ["retrieval.enabled=true", "retrieval.sources=train,past"]),
     "bm25-hops2": ("bm25-hops2", ["retrieval.enabled=true", "retrieval.hops=2"]),

@@ -28,6 +28,7 @@ VARIANTS = {
 }
 LEARNED = {  # issue 4: the learned retriever (decoder block 0 + projection on every query and neighbour chunk)
     "learned retriever (layer 0)": ["retrieval.retriever=learned"],
+    "learned retriever (embedder input)": ["retrieval.retriever=learned", "retrieval.retriever_input=embedder"],
 }
 
 
@@ -38,15 +39,19 @@ def measure(store, preset: str, sets: list[str], dtype: str, steps: int, warmup:
     from knnformer.batches import WindowSampler
     from knnformer.config import load_config
     from knnformer.model import Transformer
+    from knnformer.retriever import frozen_vectors
     from knnformer.trainer import autocast, make_optimizer, resolve_retrieval
 
     def setup(retrieval: bool, extra: list[str]):
         cfg = load_config(preset, [f"train.dtype={dtype}"] + (["retrieval.enabled=true"] + extra if retrieval else []))
         cfg.model.vocab_size = store.tokenizer.vocab_size
         nb = resolve_retrieval(cfg, store)
+        frozen = frozen_vectors(store, cfg.retrieval) if retrieval else None
+        if frozen is not None:
+            cfg.retrieval.retriever_input_dim = frozen.shape[1]
         model = Transformer(cfg.model, cfg.retrieval if retrieval else None)
         sampler = WindowSampler(store.split_tokens("train"), cfg.model.context, nb, "train",
-                                cfg.retrieval.num_neighbours, cfg.retrieval.continuation)
+                                cfg.retrieval.num_neighbours, cfg.retrieval.continuation, vectors=frozen)
         return model, make_optimizer(model, cfg.train), sampler, cfg.train.batch_size
 
     g = torch.Generator().manual_seed(0)
