@@ -86,25 +86,55 @@ def figures(r: dict, split: str) -> dict:
     s = r.get(split, {})
     return {"bits_per_byte": s.get("bits_per_byte"),
             "alpha_0.125": (s.get("filtered") or {}).get("0.125", {}).get("bits_per_byte"),
-            "retrieval_off": (s.get("retrieval_off") or {}).get("bits_per_byte")}
+            "retrieval_off": (s.get("retrieval_off") or {}).get("bits_per_byte"),
+            # the same weights without retrieval on the same low-overlap chunks: the retrieval gain at alpha 0.125
+            "retrieval_off_alpha_0.125": ((s.get("retrieval_off") or {}).get("filtered") or {}).get("0.125", {}).get(
+                "bits_per_byte")}
+
+
+def compute_in_frozen_steps(r: dict, ratios: dict) -> float | None:
+    """A learned run's training compute in steps of the frozen retrieval model: its steps times its step-time
+    ratio to a frozen step (interleaved, bench/retro_step.py --learned), plus every refresh's CPU seconds (on a
+    background thread or not) over the frozen step time implied by the run's own median step time."""
+    key = {"learned": "learned retriever (layer 0) float32",
+           "learned-emb": "learned retriever (embedder input) float32"}.get(r["variant"])
+    if key is None or key not in ratios:
+        return None
+    ratio = ratios[key]["retro_over_frozen"]
+    frozen_step_s = 12 * 64 / r["tokens_per_s_median"] / ratio
+    cpu = sum(x.get("refresh_cpu_seconds") or x.get("refresh_seconds") or 0 for x in r["refreshes"])
+    return r["steps"] * ratio + cpu / frozen_step_s
 
 
 def summary(args) -> None:
     base = rb.prepare(args.corpus, Path(args.work))
     tag = base.path.name.removesuffix("-store")
+    ratio_file = ROOT / "bench" / "results" / f"retro-step-{tag}-minilm-learned.json"
+    ratios = json.loads(ratio_file.read_text())["results"] if ratio_file.exists() else {}
+    frozen_over_dense = next((v["frozen_ratio"] for v in ratios.values() if "frozen_ratio" in v), None)
     rows = {}
     for path in sorted((ROOT / "bench" / "results" / "joint").glob(f"{tag}-*.json")):
         r = json.loads(path.read_text())
+        frozen_steps = compute_in_frozen_steps(r, ratios)
         rows[f"{r['variant']} {r['steps']}"] = {
             "steps": r["steps"], "train_seconds": r["train_seconds"], "refresh_seconds": r["refresh_seconds"],
             "refresh_share": r["refresh_share"],
-            **{split: figures(r, split) for split in rb.CORPORA[args.corpus]["splits"]}}
+            "refresh_cpu_seconds": round(sum(x.get("refresh_cpu_seconds") or 0 for x in r["refreshes"]), 1),
+            **({"equal_compute_frozen_steps": round(frozen_steps),
+                "equal_compute_dense_steps": round(frozen_steps * frozen_over_dense) if frozen_over_dense else None}
+               if frozen_steps else {}),
+            **{split: {**figures(r, split), "neighbour_gain_nats": (r[split].get("neighbour_gain") or {}).get(
+                "mean_nats_per_token"), "second_hop": r[split].get("second_hop")}
+               for split in rb.CORPORA[args.corpus]["splits"]}}
     out = ROOT / "bench" / "results" / f"joint-{tag}.json"
-    out.write_text(json.dumps({"datastore": tag, "runs": rows}, indent=2))
+    out.write_text(json.dumps({"datastore": tag, "step_ratios": ratios, "runs": rows}, indent=2))
     for name, r in rows.items():
-        print(f"{name:22s} " + "  ".join(f"{split} {r[split]['bits_per_byte']:.4f} (a.125 {r[split]['alpha_0.125'] or float('nan'):.4f})"
-                                         for split in rb.CORPORA[args.corpus]["splits"])
-              + f"  {r['train_seconds']:.0f} s, refresh {r['refresh_seconds']:.0f} s")
+        print(f"{name:22s} " + "  ".join(
+            f"{split} {r[split]['bits_per_byte']:.4f} (a.125 {r[split]['alpha_0.125'] or float('nan'):.4f}, off "
+            f"{r[split]['retrieval_off'] or float('nan'):.4f})" for split in rb.CORPORA[args.corpus]["splits"])
+            + f"  {r['train_seconds']:.0f} s, refresh pause {r['refresh_seconds']:.0f} s"
+            + (f", = {r['equal_compute_frozen_steps']} frozen / {r['equal_compute_dense_steps']} dense steps"
+               if "equal_compute_frozen_steps" in r else ""))
     print(f"wrote {out}")
 
 

@@ -85,7 +85,7 @@ def evaluate_splits(run: Path, splits: list[str]) -> dict:
     for split in splits:
         result = evaluate_run(run, split, gain_windows=GAIN_WINDOWS)
         out[split] = {k: result[k] for k in ("loss", "bits_per_byte", "filtered", "retrieval_off", "retrieval",
-                                             "neighbours", "neighbour_gain", "refreshes") if k in result}
+                                             "neighbours", "neighbour_gain", "refreshes", "second_hop") if k in result}
     return out
 
 
