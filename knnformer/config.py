@@ -256,6 +256,9 @@ class RetrievalConfig:
     retriever_dim: int = 0
     """Width of the learned retriever's unit vectors; 0 means ``model.dim`` with the projection initialised to the
     identity (the run's own mean-pooled chunk state, as ``--embedder run:RUN``)."""
+    retriever_lr_scale: float = 1.0
+    """The learned retriever's own parameters (projection, beta) learn at ``train.lr`` times this, without weight
+    decay."""
     relevance_beta: float = 1.0
     """Initial value of the learned scalar beta of the relevance bias (0 switches the bias, and with it the
     retriever's gradient, off at the start)."""
@@ -327,6 +330,8 @@ class RetrievalConfig:
         if not 0 <= self.retriever_layer < model.num_layers:
             raise ValueError(f"retrieval.retriever_layer must name a decoder block 0..{model.num_layers - 1}, "
                              f"got {self.retriever_layer}")
+        if self.retriever_lr_scale < 0:
+            raise ValueError(f"retrieval.retriever_lr_scale must be >= 0, got {self.retriever_lr_scale}")
         if self.retriever_dim < 0:
             raise ValueError(f"retrieval.retriever_dim must be >= 0 (0 = model.dim), got {self.retriever_dim}")
         if self.hops not in (1, 2):

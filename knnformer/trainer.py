@@ -45,13 +45,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; fused on devices that support it."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, retriever_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fused on devices that support it. A learned retriever's own
+    parameters (projection and beta), when there are any, form a third group: learning rate times
+    ``retriever_lr_scale`` (each group's ``lr_scale``; the trainer applies it), no weight decay (which would pull
+    an identity-initialised projection towards zero)."""
+    retriever = {id(p) for n, p in model.named_parameters() if n.startswith("retrieval.retriever.")}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in retriever]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    own = [p for p in model.parameters() if p.requires_grad and id(p) in retriever]
+    if own:
+        groups.append({"params": own, "weight_decay": 0.0, "lr_scale": retriever_lr_scale})
     # the fused kernel updates each tensor in one pass (CPU and CUDA); elsewhere the foreach path
-    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay + own)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              **({"fused": True} if fused else {"foreach": True}))
 
@@ -211,7 +220,7 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
 
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg, rcfg).to(device)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, rcfg.retriever_lr_scale)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     record = run_record(config, datastore)
     if learned:
@@ -309,7 +318,7 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
                 redraw_step(model, step, cfg.seed)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             loss_sum, aux_sum = 0.0, 0.0
             meter.reset()
             for _ in range(cfg.grad_accum):

@@ -332,3 +332,20 @@ def test_a_retriever_reading_the_embedder_refuses_bm25_neighbours(tmp_path):
     config = learned_config("retrieval.retriever_input=embedder", "train.steps=2")
     with pytest.raises(ValueError, match="bm25 is not an embedding"):
         train(tmp_path / "run", Datastore.open(store.path), config)
+
+
+def test_the_retriever_learns_at_its_own_rate_without_weight_decay(tmp_path):
+    from knnformer.checkpoint import load_checkpoint
+    from knnformer.trainer import make_optimizer
+
+    store = line_store(tmp_path)
+    config = learned_config("train.steps=3", "train.eval_interval=0", "retrieval.retriever_lr_scale=0")
+    torch.manual_seed(config.train.seed)  # as train initialises
+    model = Transformer(config.model, config.retrieval)
+    groups = make_optimizer(model, config.train, 0.25).param_groups
+    assert [g["lr_scale"] for g in groups] == [1.0, 1.0, 0.25] and groups[2]["weight_decay"] == 0.0
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in model.retrieval.retriever.parameters()}
+    train(tmp_path / "run", store, config)  # scale 0: the retriever stays as initialised, the rest learns
+    weights = load_checkpoint(latest_checkpoint(tmp_path / "run"))["weights"]
+    assert torch.equal(weights["retrieval.retriever.proj.weight"], torch.eye(config.model.dim))
+    assert not torch.equal(weights["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
