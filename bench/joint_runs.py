@@ -34,6 +34,9 @@ VARIANTS = {
     "learned": ("minilm", ["retrieval.enabled=true", "retrieval.retriever=learned", "retrieval.refresh={refresh}"]),
     "learned-emb": ("minilm", ["retrieval.enabled=true", "retrieval.retriever=learned",
                                "retrieval.retriever_input=embedder", "retrieval.refresh={refresh}"]),
+    "learned-emb-slow": ("minilm", ["retrieval.enabled=true", "retrieval.retriever=learned",
+                                    "retrieval.retriever_input=embedder", "retrieval.retriever_lr_scale=0.1",
+                                    "retrieval.refresh={refresh}"]),
     "minilm-past": ("minilm", ["retrieval.enabled=true", "retrieval.sources=train,past"]),
     "bm25-past": ("bm25", ["retrieval.enabled=true", "retrieval.sources=train,past"]),
     "bm25-hops2": ("bm25-hops2", ["retrieval.enabled=true", "retrieval.hops=2"]),
@@ -72,8 +75,9 @@ def run_one(args) -> Path:
         "variant": args.variant, "steps": args.steps, "datastore": store.path.name, "run": str(run),
         "refresh_seconds": round(refresh_s, 1),
         "refresh_share": round(refresh_s / result["train_seconds"], 3) if result["train_seconds"] else None,
-        "refreshes": [{k: r.get(k) for k in ("step", "refresh", "refresh_changed", "refresh_recall",
-                                             "refresh_seconds")} for r in rows if "refresh" in r],
+        "refreshes": [{k: r.get(k) for k in ("step", "refresh", "refresh_started", "refresh_changed",
+                                             "refresh_recall", "refresh_seconds", "refresh_cpu_seconds")}
+                      for r in rows if "refresh" in r],
         "machine": rb.cpu_name(), "command": " ".join(sys.argv), "wall_seconds": round(time.perf_counter() - t0, 1)})
     out = ROOT / "bench" / "results" / "joint" / f"{tag}-{args.variant}-{args.steps}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,13 +101,21 @@ def compute_in_frozen_steps(r: dict, ratios: dict) -> float | None:
     ratio to a frozen step (interleaved, bench/retro_step.py --learned), plus every refresh's CPU seconds (on a
     background thread or not) over the frozen step time implied by the run's own median step time."""
     key = {"learned": "learned retriever (layer 0) float32",
-           "learned-emb": "learned retriever (embedder input) float32"}.get(r["variant"])
+           "learned-emb": "learned retriever (embedder input) float32",
+           "learned-emb-slow": "learned retriever (embedder input) float32"}.get(r["variant"])
     if key is None or key not in ratios:
         return None
     ratio = ratios[key]["retro_over_frozen"]
     frozen_step_s = 12 * 64 / r["tokens_per_s_median"] / ratio
-    cpu = sum(x.get("refresh_cpu_seconds") or x.get("refresh_seconds") or 0 for x in r["refreshes"])
-    return r["steps"] * ratio + cpu / frozen_step_s
+    return r["steps"] * ratio + refresh_cpu(r) / frozen_step_s
+
+
+def refresh_cpu(r: dict) -> float:
+    """CPU seconds of a run's refreshes (read from its metrics; an in-line refresh without the figure counts its
+    pause, which is its CPU time on one thread)."""
+    metrics = Path(r["run"]) / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else r["refreshes"]
+    return sum(x.get("refresh_cpu_seconds") or x.get("refresh_seconds") or 0 for x in rows if "refresh" in x)
 
 
 def summary(args) -> None:
@@ -119,7 +131,7 @@ def summary(args) -> None:
         rows[f"{r['variant']} {r['steps']}"] = {
             "steps": r["steps"], "train_seconds": r["train_seconds"], "refresh_seconds": r["refresh_seconds"],
             "refresh_share": r["refresh_share"],
-            "refresh_cpu_seconds": round(sum(x.get("refresh_cpu_seconds") or 0 for x in r["refreshes"]), 1),
+            "refresh_cpu_seconds": round(refresh_cpu(r), 1),
             **({"equal_compute_frozen_steps": round(frozen_steps),
                 "equal_compute_dense_steps": round(frozen_steps * frozen_over_dense) if frozen_over_dense else None}
                if frozen_steps else {}),
