@@ -274,6 +274,12 @@ class RetrievalConfig:
     refresh). -1: half the shortest interval of the schedule."""
     refresh_index: str = "auto"
     """Index kind a refresh builds (auto, flat, hnsw or ivfpq; auto as in ``knnformer index``)."""
+    refresh_mode: Literal["reindex", "rerank"] = "reindex"
+    """``reindex``: a refresh searches every train chunk with the new vectors (an index is built). ``rerank``
+    (Atlas): it re-orders each chunk's candidates, the datastore's own neighbours (all of ``knnformer index
+    --k``), by the new vectors: no index and no search, so a refresh costs the embedding alone, but neighbours
+    stay among the frozen embedder's candidates. Its recall is the share of the exact top 10 (new vectors,
+    leakage rules applied) found among the candidates, on a sample."""
     refresh_ef_search: int = 64
     """Search breadth of a refresh's HNSW index (``knnformer index`` uses 256): on sympy's learned vectors recall@10
     0.969 instead of 0.989 for 3.5x less search time, the largest part of a refresh there. The recall floor below
@@ -336,6 +342,8 @@ class RetrievalConfig:
             raise ValueError(f"retrieval.retriever_dim must be >= 0 (0 = model.dim), got {self.retriever_dim}")
         if self.hops not in (1, 2):
             raise ValueError(f"retrieval.hops must be 1 or 2, got {self.hops}")
+        if self.refresh_mode == "rerank" and self.hops == 2:
+            raise ValueError("retrieval.refresh_mode=rerank re-orders one hop's candidates; use hops=1 or reindex")
         if self.retriever == "learned" and self.retriever_input == "embedder" and self.hops == 2:
             raise ValueError("retrieval.hops=2 with retrieval.retriever_input=embedder would embed every chunk "
                              "joined with its neighbour with the frozen embedder at each refresh; use hops=1, or "

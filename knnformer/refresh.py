@@ -41,7 +41,8 @@ from knnformer.config import RetrievalConfig
 from knnformer.datastore import Datastore
 from knnformer.hops import HOP2_FILE, HOP2_SCORES_FILE
 from knnformer.index import choose_index_kind
-from knnformer.neighbours import NEIGHBOURS_FILE, SCORES_FILE, Neighbours, Progress, _no_progress, dense_neighbours
+from knnformer.neighbours import (NEIGHBOURS_FILE, SCORES_FILE, DenseNeighbours, Neighbours, Progress, _no_progress,
+                                  dense_neighbours)
 from knnformer.retriever import embed_all_chunks, project_vectors
 
 logger = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def refresh_folder(run_dir: str | Path, refresh_id: int) -> Path:
 def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id: int, step: int,
                        index: str = "auto", recall_floor: float = 0.0, seed: int = 0,
                        progress: Progress = _no_progress, hops: int = 1, ef_search: int = 0,
-                       frozen: np.ndarray | None = None) -> Neighbours:
+                       frozen: np.ndarray | None = None, mode: str = "reindex",
+                       candidates: Neighbours | None = None) -> Neighbours:
     """Embed every chunk of ``base``'s datastore with ``model``'s learned retriever, index the train chunks, compute
     every chunk's neighbours under ``base``'s leakage rules (its ``exclude_window`` and document rule) and write
     refresh ``refresh_id`` of the run; returns the new neighbours (as many per chunk as ``base`` holds). With
@@ -118,9 +120,13 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
         vectors = embed_all_chunks(model, store.tokens, layout.starts, layout.ends,
                                    progress=progress("embedding", layout.num_chunks))
     embed_s = time.perf_counter() - t0
-    kind = choose_index_kind(layout.num_train, vectors.shape[1]) if index == "auto" else index
-    dense = dense_neighbours(layout, vectors, base.k, base.info["exclude_window"],
-                             base.info["exclude_same_document"], kind, seed, progress, recall_floor, ef_search)
+    if mode == "rerank":
+        dense = rerank_neighbours(layout, vectors, candidates or base, base.info["exclude_window"],
+                                  base.info["exclude_same_document"], seed)
+    else:
+        kind = choose_index_kind(layout.num_train, vectors.shape[1]) if index == "auto" else index
+        dense = dense_neighbours(layout, vectors, base.k, base.info["exclude_window"],
+                                 base.info["exclude_same_document"], kind, seed, progress, recall_floor, ef_search)
     hop2 = None
     if hops == 2:
         from knnformer.hops import second_hop, second_hop_tokens
@@ -140,7 +146,8 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
                                                "exclude_same_document")},
             "embedder": "learned", "embedder_fingerprint": f"learned:refresh-{refresh_id}",
             "file": NEIGHBOURS_FILE, "scores_file": SCORES_FILE, "k": base.k, "num_chunks": layout.num_chunks,
-            "index_kind": dense.kind, "ef_search": dense.index.ef_search if dense.kind == "hnsw" else None,
+            "index_kind": dense.kind, "refresh_mode": mode,
+            "ef_search": dense.index.ef_search if dense.kind == "hnsw" else None,
             "num_short_rows": dense.num_short, "refresh": refresh_id, "step": step,
             "recall_at_10": round(dense.recall, 4), "recall_queries": dense.recall_queries,
             "recall_floor": recall_floor, "embed_seconds": round(embed_s, 3),
@@ -167,6 +174,37 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
     logger.info("refresh %d at step %d: %.2f s (embedding %.2f s), recall@10 %.3f", refresh_id, step,
                 time.perf_counter() - t0, embed_s, dense.recall)
     return load_refresh(final, store, layout, hops)
+
+
+def rerank_neighbours(layout: ChunkLayout, vectors: np.ndarray, candidates: Neighbours, exclude_window: int,
+                      exclude_same_document: bool, seed: int = 0, num_queries: int = 200) -> DenseNeighbours:
+    """Every chunk's ``candidates`` (the datastore's neighbours: leakage-safe already) re-ordered by the inner
+    product of ``vectors``; recall = share of the exact top 10 under ``vectors`` (same leakage rules) that the
+    candidate lists hold, on ``num_queries`` random chunks."""
+    from knnformer.index import exact_search_excluding
+    from knnformer.neighbours import excluded_ranges
+
+    t0 = time.perf_counter()
+    cand = np.asarray(candidates.ids, dtype=np.int64)
+    ids = np.empty(cand.shape, dtype=np.int32)
+    scores = np.empty(cand.shape, dtype=np.float16)
+    for b in range(0, len(cand), 65_536):
+        c = cand[b : b + 65_536]
+        q = np.asarray(vectors[b : b + len(c)], dtype=np.float32)
+        keys = np.asarray(vectors[np.maximum(c, 0).reshape(-1)], dtype=np.float32).reshape(*c.shape, -1)
+        s = np.where(c >= 0, np.einsum("nd,nkd->nk", q, keys), -np.inf)
+        order = np.argsort(-s, axis=1, kind="stable")
+        ids[b : b + len(c)] = np.take_along_axis(c, order, 1)
+        scores[b : b + len(c)] = np.where(np.isfinite(np.take_along_axis(s, order, 1)),
+                                          np.take_along_axis(s, order, 1), 0)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(layout.num_chunks, size=min(num_queries, layout.num_chunks), replace=False))
+    lo, hi = excluded_ranges(layout, sample, exclude_window, exclude_same_document)
+    exact = exact_search_excluding(vectors[: layout.num_train], np.asarray(vectors[sample], np.float32), 10, lo, hi).I
+    hits = sum(len(np.intersect1d(e[e >= 0], cand[q][cand[q] >= 0])) for q, e in zip(sample, exact))
+    recall = hits / max(1, int((exact >= 0).sum()))
+    return DenseNeighbours(None, "rerank", ids, scores, int((ids < 0).any(1).sum()), float(recall), len(sample),
+                           0.0, time.perf_counter() - t0)
 
 
 class BackgroundRefresh:

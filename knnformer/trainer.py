@@ -299,7 +299,8 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
                 t_refresh = time.perf_counter()
                 refresh_id = record["refresh"]["id"] + 1
                 kwargs = dict(index=rcfg.refresh_index, recall_floor=rcfg.refresh_recall_floor, seed=cfg.seed,
-                              hops=rcfg.hops, ef_search=rcfg.refresh_ef_search, frozen=frozen)
+                              hops=rcfg.hops, ef_search=rcfg.refresh_ef_search, frozen=frozen,
+                              mode=rcfg.refresh_mode)
                 if lag and step > 0:  # in the background, swapped in before step + lag
                     pending = BackgroundRefresh(model, rcfg, neighbours, run_dir, refresh_id, step, step + lag,
                                                 **kwargs)

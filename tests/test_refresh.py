@@ -349,3 +349,29 @@ def test_the_retriever_learns_at_its_own_rate_without_weight_decay(tmp_path):
     weights = load_checkpoint(latest_checkpoint(tmp_path / "run"))["weights"]
     assert torch.equal(weights["retrieval.retriever.proj.weight"], torch.eye(config.model.dim))
     assert not torch.equal(weights["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+def test_a_rerank_refresh_reorders_the_datastore_candidates_by_the_new_vectors(tmp_path):
+    store = line_store(tmp_path)
+    base = load_neighbours(store)
+    config = learned_config()
+    torch.manual_seed(0)
+    model = Transformer(config.model, config.retrieval)
+    nb = refresh_neighbours(model, base, tmp_path / "run", 1, 0, mode="rerank")
+    ids, cand = np.asarray(nb.ids), np.asarray(base.ids)
+    assert np.array_equal(np.sort(ids, 1), np.sort(cand, 1))  # the same candidates: leakage-safe as they were
+    v = np.asarray(nb.vectors, np.float32)
+    scores = np.einsum("nd,nkd->nk", v, v[ids])
+    assert np.all(np.diff(scores, axis=1) <= 1e-3)  # nearest first under the retriever's own vectors
+    assert np.allclose(scores, np.asarray(nb.scores, np.float32), atol=2e-3)
+    assert nb.info["refresh_mode"] == "rerank" and nb.info["index_kind"] == "rerank"
+    assert 0.0 <= nb.info["recall_at_10"] <= 1.0 and nb.info["recall_queries"] > 0
+    with pytest.raises(ValueError, match="rerank"):
+        learned_config("retrieval.refresh_mode=rerank", "retrieval.hops=2")
+    config = learned_config("retrieval.refresh_mode=rerank", "retrieval.refresh=0-:3", "retrieval.refresh_lag=1",
+                            "train.steps=6", "train.eval_interval=0")
+    train(tmp_path / "trained", store, config)
+    rows = [json.loads(line) for line in (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["refresh_started"] for r in rows if "refresh" in r] == [3]
+    refreshed = load_refresh(tmp_path / "trained" / "refresh" / "refresh-0001", store, base.layout)
+    assert np.array_equal(np.sort(np.asarray(refreshed.ids), 1), np.sort(cand, 1))
