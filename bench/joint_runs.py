@@ -37,6 +37,9 @@ VARIANTS = {
     "learned-emb-slow": ("minilm", ["retrieval.enabled=true", "retrieval.retriever=learned",
                                     "retrieval.retriever_input=embedder", "retrieval.retriever_lr_scale=0.1",
                                     "retrieval.refresh={refresh}"]),
+    "learned-emb-rerank": ("minilm", ["retrieval.enabled=true", "retrieval.retriever=learned",
+                                      "retrieval.retriever_input=embedder", "retrieval.refresh_mode=rerank",
+                                      "retrieval.refresh={refresh}"]),
     "minilm-past": ("minilm", ["retrieval.enabled=true", "retrieval.sources=train,past"]),
     "bm25-past": ("bm25", ["retrieval.enabled=true", "retrieval.sources=train,past"]),
     "bm25-hops2": ("bm25-hops2", ["retrieval.enabled=true", "retrieval.hops=2"]),
@@ -102,7 +105,8 @@ def compute_in_frozen_steps(r: dict, ratios: dict) -> float | None:
     background thread or not) over the frozen step time implied by the run's own median step time."""
     key = {"learned": "learned retriever (layer 0) float32",
            "learned-emb": "learned retriever (embedder input) float32",
-           "learned-emb-slow": "learned retriever (embedder input) float32"}.get(r["variant"])
+           "learned-emb-slow": "learned retriever (embedder input) float32",
+           "learned-emb-rerank": "learned retriever (embedder input) float32"}.get(r["variant"])
     if key is None or key not in ratios:
         return None
     ratio = ratios[key]["retro_over_frozen"]
