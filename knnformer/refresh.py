@@ -195,8 +195,8 @@ def rerank_neighbours(layout: ChunkLayout, vectors: np.ndarray, candidates: Neig
         s = np.where(c >= 0, np.einsum("nd,nkd->nk", q, keys), -np.inf)
         order = np.argsort(-s, axis=1, kind="stable")
         ids[b : b + len(c)] = np.take_along_axis(c, order, 1)
-        scores[b : b + len(c)] = np.where(np.isfinite(np.take_along_axis(s, order, 1)),
-                                          np.take_along_axis(s, order, 1), 0)
+        ordered = np.take_along_axis(s, order, 1)
+        scores[b : b + len(c)] = np.where(np.isfinite(ordered), ordered, 0)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(layout.num_chunks, size=min(num_queries, layout.num_chunks), replace=False))
     lo, hi = excluded_ranges(layout, sample, exclude_window, exclude_same_document)

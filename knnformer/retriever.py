@@ -104,11 +104,15 @@ class LearnedRetriever(nn.Module):
         return (self.beta * relevance).reshape(B * S, 1, 1, K, 1).expand(-1, -1, -1, -1, R).reshape(B * S, 1, 1, K * R)
 
 
+def _setting(rcfg, key: str, default=None):
+    """A retrieval setting from the config dataclass or a run record's dict (older records lack newer keys)."""
+    return rcfg.get(key, default) if isinstance(rcfg, dict) else getattr(rcfg, key, default)
+
+
 def reads_embedder(rcfg) -> bool:
     """Whether a run's retrieval config (the dataclass or a run record's dict) has a learned retriever reading
     the frozen embedder's vectors."""
-    get = rcfg.get if isinstance(rcfg, dict) else lambda key, default=None: getattr(rcfg, key, default)
-    return get("retriever") == "learned" and get("retriever_input", "tokens") == "embedder"
+    return _setting(rcfg, "retriever") == "learned" and _setting(rcfg, "retriever_input", "tokens") == "embedder"
 
 
 def frozen_vectors(store, rcfg) -> np.ndarray | None:
@@ -118,14 +122,13 @@ def frozen_vectors(store, rcfg) -> np.ndarray | None:
         return None
     from knnformer.neighbours import load_neighbours
 
-    get = rcfg.get if isinstance(rcfg, dict) else lambda key, default=None: getattr(rcfg, key, default)
-    base = load_neighbours(store, get("embedder") or None, get("chunk_size") or None)
+    base = load_neighbours(store, _setting(rcfg, "embedder") or None, _setting(rcfg, "chunk_size") or None)
     if base.vectors is None:
         raise ValueError(f"retrieval.retriever_input=embedder reads the frozen embedder's vectors, but "
                          f"{store.path}'s neighbours ({base.info['embedder']}) have none stored: bm25 is not an "
                          f"embedding; index with a dense embedder (`knnformer index {store.path} --embedder minilm`)"
                          f", or use retriever_input=tokens")
-    width = get("retriever_input_dim") or 0
+    width = _setting(rcfg, "retriever_input_dim") or 0
     if width and base.vectors.shape[1] != width:
         raise ValueError(f"the run's retriever reads {width}-wide embedder vectors, but {store.path} holds "
                          f"{base.vectors.shape[1]}-wide ones; evaluate on the datastore it was trained on")

@@ -27,14 +27,18 @@ def test_causality_changing_token_t_changes_nothing_before_t():
         assert not torch.allclose(out[:, t], base[:, t])  # and the change is seen from t on
 
 
-def test_kv_cache_equals_full_forward():
-    model = tiny_model().eval()
+def assert_cached_decoding_matches_full_forward(model: Transformer) -> None:
+    """A 10-token prompt then 14 tokens one at a time through the KV cache give the full forward's logits."""
     x = torch.randint(0, 256, (1, 24))
     full, _ = model(x)
     cache = KVCache.empty(model.config, 1, "cpu", torch.float32)
     first, _ = model(x[:, :10], cache=cache)
     steps = [first] + [model(x[:, t : t + 1], cache=cache)[0] for t in range(10, 24)]
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_kv_cache_equals_full_forward():
+    assert_cached_decoding_matches_full_forward(tiny_model().eval())
 
 
 def test_tiny_model_overfits_tiny_text():

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from knnformer.checkpoint import latest_checkpoint
 from knnformer.config import ModelConfig, MoEConfig, RetrievalConfig, load_config
 from knnformer.evaluate import evaluate_run, format_table
-from knnformer.model import KVCache, SwiGLU, Transformer, flops_per_token
+from knnformer.model import SwiGLU, Transformer, flops_per_token
 from knnformer.moe import MoE, balance_loss, expert_choice, moe_layers, token_choice
 from knnformer.trainer import train
+from test_model import assert_cached_decoding_matches_full_forward
 
 DIM = 32
 
@@ -195,13 +196,7 @@ def test_expert_choice_gives_each_expert_exactly_capacity_tokens():
 @pytest.mark.parametrize("router", ["top1", "top2"])
 def test_kv_cache_generation_equals_full_forward(router):
     torch.manual_seed(0)
-    model = Transformer(moe_config(num_experts=4, router=router)).eval()
-    x = torch.randint(0, 256, (1, 24))
-    full, _ = model(x)
-    cache = KVCache.empty(model.config, 1, "cpu", torch.float32)
-    first, _ = model(x[:, :10], cache=cache)
-    steps = [first] + [model(x[:, t : t + 1], cache=cache)[0] for t in range(10, 24)]
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert_cached_decoding_matches_full_forward(Transformer(moe_config(num_experts=4, router=router)).eval())
 
 
 def test_retrieval_with_moe_trains_and_stays_causal():
