@@ -30,11 +30,11 @@ def main() -> None:
     import torch
 
     from knnformer.config import load_config
-    from knnformer.corpus import assign_splits, read_documents
-    from knnformer.datastore import Datastore, build_tokenizer, write_datastore
-    from knnformer.evaluate import evaluate_run
-    from knnformer.neighbours import index_datastore
-    from knnformer.trainer import train
+    from knnformer.data.corpus import assign_splits, read_documents
+    from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
+    from knnformer.eval.evaluate import evaluate_run
+    from knnformer.retrieval.build import index_datastore
+    from knnformer.train.trainer import train
 
     p = argparse.ArgumentParser()
     p.add_argument("--chars", type=int, default=250_000)

@@ -49,9 +49,9 @@ VARIANTS = {
 def variant_store(base, name: str):
     """The datastore copy holding ``name``'s neighbours (``bm25-hops2``: bm25 with the second hop), indexed when
     missing."""
-    from knnformer.chunks import read_retrieval_manifest
-    from knnformer.datastore import Datastore
-    from knnformer.neighbours import index_datastore
+    from knnformer.data.chunks import read_retrieval_manifest
+    from knnformer.data.datastore import Datastore
+    from knnformer.retrieval.build import index_datastore
 
     store = rb.embedder_store(base, name)
     info = read_retrieval_manifest(store.path)

@@ -22,7 +22,7 @@ def main() -> None:
     p.add_argument("--datastore", default=None, help="score on this datastore (same tokenizer), e.g. a copy that "
                                                      "holds chunk neighbours for the overlap-filtered figures")
     args = p.parse_args()
-    from knnformer.knnlm import evaluate_knn_lm
+    from knnformer.eval.knnlm import evaluate_knn_lm
 
     report = {"command": " ".join(sys.argv), "datastore": args.datastore, "runs": {}}
     for spec in args.runs:

@@ -37,10 +37,11 @@ import torch
 
 from knnformer.cli import main as knnformer_main
 from knnformer.config import load_config
-from knnformer.datastore import Datastore
-from knnformer.evaluate import evaluate_run
-from knnformer.model import Transformer, flops_per_token
-from knnformer.trainer import make_optimizer, sample_windows, train
+from knnformer.data.datastore import Datastore
+from knnformer.eval.evaluate import evaluate_run
+from knnformer.model.transformer import Transformer, flops_per_token
+from knnformer.train.optim import make_optimizer
+from knnformer.train.trainer import sample_windows, train
 
 SYMPY = Path("/work/shared/data/sympy-1.13.3/files/sympy")
 
@@ -150,7 +151,7 @@ def run_variant(name: str, args, store: Datastore, work: Path) -> dict:
            "total_s": round(total_s, 1), "tokens_per_s_median": round(rates[len(rates) // 2]),
            "whole_valid_loss": round(evaluated["loss"], 4), "whole_valid_bpb": round(evaluated["bits_per_byte"], 4),
            "final_train_loss": round(sum(r["loss"] for r in rows[-20:]) / 20, 4)}
-    from knnformer.evaluate import load_run
+    from knnformer.run.record import load_run
 
     out["params"] = load_run(run_dir)[0].num_params()
     if "moe" in evaluated:

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def probe(path: str, samples: int, k: int, seed: int) -> dict:
-    from knnformer.datastore import Datastore
-    from knnformer.neighbours import load_neighbours
+    from knnformer.data.datastore import Datastore
+    from knnformer.retrieval.neighbours import load_neighbours
 
     store = Datastore.open(path)
     nb = load_neighbours(store)

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from knnformer.config import ModelConfig, PerformerConfig
-from knnformer.model import KVCache, SelfAttention, rotary_tables
-from knnformer.performer import PerformerCache
+from knnformer.model.layers import KVCache, SelfAttention, rotary_tables
+from knnformer.model.performer import PerformerCache
 
 LAYER = dict(dim=256, num_heads=4)  # head width 64, as in the Performer paper's LRA models
 

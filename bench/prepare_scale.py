@@ -54,8 +54,8 @@ def run_cli(out: Path) -> dict:
 
 def run_phases(out: Path) -> dict:
     """The CLI's stages in this process, each timed."""
-    from knnformer.corpus import apply_split_file, read_documents, read_split_file
-    from knnformer.datastore import build_tokenizer, write_datastore
+    from knnformer.data.corpus import apply_split_file, read_documents, read_split_file
+    from knnformer.data.datastore import build_tokenizer, write_datastore
 
     shutil.rmtree(out, ignore_errors=True)
     phases = {}

@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import nanogpt_ref  # noqa: E402
 from speed import git_state, machine  # noqa: E402
 
-from knnformer.config import load_config  # noqa: E402
-from knnformer.datastore import Datastore  # noqa: E402
-from knnformer.evaluate import score_tokens, summarize  # noqa: E402
-from knnformer.trainer import lr_at  # noqa: E402
+from knnformer.config import load_config
+from knnformer.data.datastore import Datastore
+from knnformer.eval.evaluate import summarize
+from knnformer.eval.scoring import score_tokens
+from knnformer.train.optim import lr_at
 
 CORPUS = Path("/work/shared/data/tinyshakespeare/input.txt")
 HERE = Path(__file__).parent

@@ -37,8 +37,8 @@ def main() -> None:
     import torch
 
     from knnformer.config import load_config
-    from knnformer.datastore import Datastore
-    from knnformer.trainer import train
+    from knnformer.data.datastore import Datastore
+    from knnformer.train.trainer import train
 
     torch.set_num_threads(1)
     store = Datastore.open(args.store)

@@ -50,8 +50,8 @@ def prepare(corpus: str, work: Path):
     published split, all of valid and test are kept and 1/N of train."""
     import hashlib
 
-    from knnformer.corpus import apply_split_file, assign_splits, read_documents, read_split_file
-    from knnformer.datastore import Datastore, build_tokenizer, write_datastore
+    from knnformer.data.corpus import apply_split_file, assign_splits, read_documents, read_split_file
+    from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
 
     spec = CORPORA[corpus]
     kind, vocab = TOKENIZER
@@ -79,7 +79,7 @@ GAIN_WINDOWS = 64  # windows evaluate measures each served neighbour's gain on
 
 
 def evaluate_splits(run: Path, splits: list[str]) -> dict:
-    from knnformer.evaluate import evaluate_run
+    from knnformer.eval.evaluate import evaluate_run
 
     out = {}
     for split in splits:
@@ -91,7 +91,7 @@ def evaluate_splits(run: Path, splits: list[str]) -> dict:
 
 def train_and_evaluate(store, run: Path, preset: str, sets: list[str], splits: list[str]) -> dict:
     from knnformer.config import load_config
-    from knnformer.trainer import train
+    from knnformer.train.trainer import train
 
     config = load_config(preset, sets)
     config.model.vocab_size = store.tokenizer.vocab_size
@@ -113,9 +113,9 @@ def train_and_evaluate(store, run: Path, preset: str, sets: list[str], splits: l
 
 def retrieval_latency(store, run: Path, chunks: int = 20) -> float:
     """Median milliseconds of one retrieval (embed + search) per generated chunk."""
-    from knnformer.evaluate import load_run
-    from knnformer.generate import RetrievingGenerator
-    from knnformer.neighbours import open_retriever
+    from knnformer.run.record import load_run
+    from knnformer.serve.generate import RetrievingGenerator
+    from knnformer.retrieval.live import open_retriever
 
     model, record, _ = load_run(run)
     gen = RetrievingGenerator(model, open_retriever(store), 2)
@@ -131,7 +131,7 @@ def embedder_store(store, embedder: str):
     not overwrite each other's neighbours and a finished index is reused by a later run of this script."""
     import os
 
-    from knnformer.datastore import Datastore
+    from knnformer.data.datastore import Datastore
 
     path = store.path.parent / f"{store.path.name.removesuffix('-store')}-{embedder}-store"
     if not (path / "manifest.json").exists():
@@ -147,14 +147,14 @@ def embedder_store(store, embedder: str):
 
 def evaluate_dense_filtered(run: Path, store, split: str) -> dict:
     """The dense run scored on ``store``'s chunks, bucketed by that store's neighbours."""
-    from knnformer.evaluate import evaluate_run
+    from knnformer.eval.evaluate import evaluate_run
 
     r = evaluate_run(run, split, datastore=str(store.path))
     return {"bits_per_byte": r["bits_per_byte"], "filtered": r.get("filtered")}
 
 
 def knn_lm(run: Path, splits: list[str]) -> dict:
-    from knnformer.knnlm import evaluate_knn_lm
+    from knnformer.eval.knnlm import evaluate_knn_lm
 
     out = {}
     for split in splits:
@@ -189,8 +189,8 @@ def main() -> None:
     global REUSE, TOKENIZER, SUBSET
     REUSE, SUBSET = args.reuse, args.subset
     TOKENIZER = (args.tokenizer, args.vocab_size if args.tokenizer == "bpe" else 0)
-    from knnformer.chunks import read_retrieval_manifest
-    from knnformer.neighbours import index_datastore
+    from knnformer.data.chunks import read_retrieval_manifest
+    from knnformer.retrieval.build import index_datastore
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import nanogpt_ref  # noqa: E402
 from matmul_peak import measure_peaks  # noqa: E402
 
-from knnformer.config import ModelConfig, TrainConfig  # noqa: E402
-from knnformer.model import Transformer, flops_per_token  # noqa: E402
-from knnformer.trainer import autocast, lr_at, make_optimizer, sample_windows  # noqa: E402
+from knnformer.config import ModelConfig, TrainConfig
+from knnformer.model.transformer import Transformer, flops_per_token
+from knnformer.runtime import autocast
+from knnformer.train.optim import lr_at, make_optimizer
+from knnformer.train.trainer import sample_windows
 
 DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
 

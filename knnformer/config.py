@@ -15,6 +15,45 @@ from typing import Any, Literal
 
 import yaml
 
+Schedule = list[tuple[int, int | None, int]]
+
+
+def parse_schedule(text: str) -> Schedule:
+    """``"a-b:every,c-:every"`` -> [(a, b, every), (c, None, every)]: half-open step ranges, an open end for the
+    last; ranges ascending and not overlapping. Empty text is no refresh."""
+    schedule: Schedule = []
+    fix = "write it as start-end:every ranges, e.g. \"0-1000:250,1000-:1000\""
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            span, every = part.split(":")
+            lo, hi = span.split("-")
+            item = (int(lo), int(hi) if hi.strip() else None, int(every))
+        except ValueError:
+            raise ValueError(f"retrieval.refresh: cannot read {part!r}; {fix}") from None
+        lo, hi, every = item
+        if lo < 0 or every <= 0 or (hi is not None and hi <= lo):
+            raise ValueError(f"retrieval.refresh: {part!r} needs 0 <= start < end and every > 0; {fix}")
+        if schedule and (schedule[-1][1] is None or lo < schedule[-1][1]):
+            raise ValueError(f"retrieval.refresh: {part!r} overlaps the range before it; give ranges in order")
+        schedule.append(item)
+    return schedule
+
+
+def resolved_lag(lag: int, schedule: Schedule) -> int:
+    """The refresh lag in steps (``retrieval.refresh_lag``; -1: half the shortest interval), refused when a refresh
+    would fall due before the previous one is swapped in."""
+    shortest = min((every for _, _, every in schedule), default=0)
+    if lag == -1:
+        return shortest // 2
+    if lag < 0:
+        raise ValueError(f"retrieval.refresh_lag must be >= 0 steps, or -1 for half the interval, got {lag}")
+    if schedule and lag >= shortest:
+        raise ValueError(f"retrieval.refresh_lag {lag} must be shorter than the shortest refresh interval "
+                         f"({shortest} steps): a refresh must be swapped in before the next one starts")
+    return lag
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -265,7 +304,7 @@ class RetrievalConfig:
     refresh: str = ""
     """When a learned retriever re-embeds every chunk and rebuilds the index and neighbours, as ``start-end:every``
     ranges of optimizer steps, e.g. ``"0-1000:250,1000-:1000"`` (every 250 steps until 1000, then every 1000);
-    empty never refreshes. See ``refresh.parse_schedule``."""
+    empty never refreshes. See ``parse_schedule``."""
     refresh_lag: int = -1
     """Steps between the start of a refresh and the step whose batches first read its neighbours. > 0: the refresh
     runs on a background thread from a copy of the weights at its start, while training goes on with the
@@ -356,7 +395,6 @@ class RetrievalConfig:
             if self.retriever != "learned":
                 raise ValueError("retrieval.refresh and retrieval.retriever_init=scratch need "
                                  "retrieval.retriever=learned (a frozen retriever's neighbours never change)")
-            from knnformer.refresh import parse_schedule, resolved_lag
 
             resolved_lag(self.refresh_lag, parse_schedule(self.refresh))
 

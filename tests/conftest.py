@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from knnformer.config import load_config
-from knnformer.corpus import assign_splits, read_documents
-from knnformer.datastore import Datastore, build_tokenizer, write_datastore
+from knnformer.data.corpus import assign_splits, read_documents
+from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 

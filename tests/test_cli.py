@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_corpus
-from knnformer.checkpoint import latest_checkpoint
+from knnformer.run.checkpoint import latest_checkpoint
 from knnformer.cli import main
 
 

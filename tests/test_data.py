@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import SHAKESPEARE, make_corpus, make_datastore
-from knnformer.corpus import (Document, apply_split_file, assign_splits, hash_fraction, read_documents,
-                              read_split_file)
-from knnformer.datastore import Datastore, build_tokenizer, write_datastore
-from knnformer.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, tokenizer_from_json
+from knnformer.data.corpus import Document, apply_split_file, assign_splits, hash_fraction, read_documents, read_split_file
+from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
+from knnformer.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, tokenizer_from_json
 
 TEXT = "def f(x):\n    return x ** 2  # naïve café, 日本語, emoji 🙂\n"
 

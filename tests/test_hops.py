@@ -8,14 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from knnformer.chunks import chunk_texts
-from knnformer.embedders import make_embedder
-from knnformer.evaluate import evaluate_run
-from knnformer.hops import merge_hops, second_hop_texts, second_hop_tokens
-from knnformer.index import exact_search
-from knnformer.neighbours import index_datastore, load_neighbours
-from knnformer.refresh import load_refresh
-from knnformer.trainer import train
+from knnformer.data.chunks import chunk_texts
+from knnformer.retrieval.embedders import make_embedder
+from knnformer.eval.evaluate import evaluate_run
+from knnformer.retrieval.hops import merge_hops, second_hop_texts, second_hop_tokens
+from knnformer.retrieval.index import exact_search
+from knnformer.retrieval.build import index_datastore
+from knnformer.retrieval.neighbours import load_neighbours
+from knnformer.run.refreshes import load_refresh
+from knnformer.train.trainer import train
 from test_refresh import C, learned_config, line_store
 
 WINDOW = 128
@@ -130,7 +131,7 @@ def test_generation_retrieves_both_hops_like_the_precomputed_ones(hop_store):
     """Live retrieval for a two-hop run: a valid chunk's text gets the two-hop neighbours stored for it (valid
     chunks search all of train, so live and precomputed searches agree; up to the order of exact duplicates,
     which this corpus of repeated lines is full of: their texts and scores agree)."""
-    from knnformer.neighbours import open_retriever
+    from knnformer.retrieval.live import open_retriever
 
     two = load_neighbours(hop_store, hops=2)
     lo, hi = two.layout.split_chunks["valid"]

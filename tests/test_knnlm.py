@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from knnformer.evaluate import load_run, open_run_datastore, score_tokens
-from knnformer.knnlm import (KeySearch, KnnStore, build_ivf, evaluate_knn_lm, exact_l2, interpolate, knn_logprobs,
-                             recall, torch_threads, tune)
-from knnformer.trainer import train
+from knnformer.eval.scoring import score_tokens
+from knnformer.run.record import load_run, open_run_datastore
+from knnformer.eval.knnlm import KeySearch, KnnStore, build_ivf, evaluate_knn_lm, exact_l2, interpolate, knn_logprobs, recall, tune
+from knnformer.runtime import torch_threads
+from knnformer.train.trainer import train
 from conftest import make_datastore
 
 
@@ -78,7 +79,7 @@ def test_interpolation_matches_a_hand_computation():
 
 
 def test_lambda_by_distance_trusts_close_neighbours_more_and_one_bin_is_plain_interpolation():
-    from knnformer.knnlm import interpolate, interpolate_by_distance, knn_logprobs, tune, tune_by_distance
+    from knnformer.eval.knnlm import interpolate, interpolate_by_distance, knn_logprobs, tune, tune_by_distance
 
     rng = np.random.default_rng(0)
     n, k = 4000, 8
@@ -168,7 +169,7 @@ def test_test_split_is_tuned_on_valid(tmp_path):
 
 
 def test_overlap_filtered_figures_come_with_the_datastores_chunk_neighbours(tmp_path):
-    from knnformer.neighbours import index_datastore
+    from knnformer.retrieval.build import index_datastore
 
     store = make_datastore(tmp_path, "bytes", num_docs=8)
     train_tiny(tmp_path / "run", store, 2)
@@ -179,7 +180,7 @@ def test_overlap_filtered_figures_come_with_the_datastores_chunk_neighbours(tmp_
         assert fig["filtered"]["1.0"]["fraction"] == 1.0
         assert fig["filtered"]["1.0"]["bits_per_byte"] == pytest.approx(fig["bits_per_byte"], rel=1e-9)
     low = r["filtered"]["0.125"]
-    from knnformer.knnlm import format_table
+    from knnformer.eval.knnlm import format_table
     assert "overlap <= 0.125" in format_table(r)
     assert 0 < low["fraction"] <= 1 and np.isfinite(low["bits_per_byte"])
 
@@ -209,9 +210,9 @@ def test_approximate_search_against_exact(tmp_path, kind):
 def test_a_retrieval_model_reads_its_neighbours_for_keys_and_queries(tmp_path):
     """With retrieval on, p_lm and the hidden states are the retrieval model's: at lambda 0 the loss is
     evaluate's retrieval-on loss of the same tokens, and it differs from the same run with retrieval off."""
-    from knnformer.batches import neighbour_inputs
-    from knnformer.evaluate import run_neighbours
-    from knnformer.neighbours import index_datastore
+    from knnformer.run.batches import neighbour_inputs
+    from knnformer.run.record import run_neighbours
+    from knnformer.retrieval.build import index_datastore
 
     store = make_datastore(tmp_path, "bytes", num_docs=8)
     index_datastore(store.path, embedder="bytes-hash", index="flat", k=2, chunk_size=16, exclude_window=48)
@@ -235,9 +236,10 @@ def test_a_retrieval_model_reads_its_neighbours_for_keys_and_queries(tmp_path):
 
 def test_a_learned_run_reads_its_refreshed_neighbours(tmp_path):
     """kNN-LM gives a learned run the neighbours of its last refresh, as evaluate does, not the datastore's."""
-    from knnformer.batches import neighbour_inputs
-    from knnformer.evaluate import run_neighbours
-    from knnformer.neighbours import index_datastore, load_neighbours
+    from knnformer.run.batches import neighbour_inputs
+    from knnformer.run.record import run_neighbours
+    from knnformer.retrieval.build import index_datastore
+    from knnformer.retrieval.neighbours import load_neighbours
 
     store = make_datastore(tmp_path, "bytes", num_docs=8)
     index_datastore(store.path, embedder="bytes-hash", index="flat", k=2, chunk_size=16, exclude_window=48)

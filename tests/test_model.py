@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from knnformer.config import ModelConfig, load_config, parse_override
-from knnformer.generate import filter_logits, sample_ids
-from knnformer.model import KVCache, Transformer
+from knnformer.serve.generate import filter_logits, sample_ids
+from knnformer.model.layers import KVCache
+from knnformer.model.transformer import Transformer
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

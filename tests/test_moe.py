@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from knnformer.checkpoint import latest_checkpoint
+from knnformer.run.checkpoint import latest_checkpoint
 from knnformer.config import ModelConfig, MoEConfig, RetrievalConfig, load_config
-from knnformer.evaluate import evaluate_run, format_table
-from knnformer.model import SwiGLU, Transformer, flops_per_token
-from knnformer.moe import MoE, balance_loss, expert_choice, moe_layers, token_choice
-from knnformer.trainer import train
+from knnformer.eval.evaluate import evaluate_run, format_table
+from knnformer.model.layers import SwiGLU
+from knnformer.model.transformer import Transformer, flops_per_token
+from knnformer.model.moe import MoE, balance_loss, expert_choice, moe_layers, token_choice
+from knnformer.train.trainer import train
 from test_model import assert_cached_decoding_matches_full_forward
 
 DIM = 32
@@ -267,9 +268,9 @@ def test_resume_reproduces_moe_losses_and_evaluate_reports_expert_stats(tmp_path
 def test_retrieval_run_with_moe_trains_evaluates_and_generates(tmp_path):
     from test_retrieval_model import repeated_text_store
 
-    from knnformer.evaluate import load_run
-    from knnformer.generate import RetrievingGenerator
-    from knnformer.neighbours import open_retriever
+    from knnformer.run.record import load_run
+    from knnformer.serve.generate import RetrievingGenerator
+    from knnformer.retrieval.live import open_retriever
 
     store = repeated_text_store(tmp_path)
     config = load_config("tiny", ["model.context=64", "train.steps=6", "train.eval_interval=3",

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from knnformer.config import ModelConfig, RetrievalConfig
-from knnformer.evaluate import neighbour_gain, pair_gains, served_positions
-from knnformer.model import Transformer
+from knnformer.eval.gain import neighbour_gain, pair_gains, served_positions
+from knnformer.model.transformer import Transformer
 
 C, K, T = 8, 2, 32
 

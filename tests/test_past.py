@@ -6,14 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from knnformer.batches import neighbour_inputs
+from knnformer.run.batches import neighbour_inputs
 from knnformer.config import load_config
-from knnformer.corpus import Document
-from knnformer.datastore import Datastore, write_datastore
-from knnformer.evaluate import evaluate_run
-from knnformer.neighbours import index_datastore, load_neighbours
-from knnformer.tokenizer import ByteTokenizer
-from knnformer.trainer import train
+from knnformer.data.corpus import Document
+from knnformer.data.datastore import Datastore, write_datastore
+from knnformer.eval.evaluate import evaluate_run
+from knnformer.retrieval.build import index_datastore
+from knnformer.retrieval.neighbours import load_neighbours
+from knnformer.data.tokenizer import ByteTokenizer
+from knnformer.train.trainer import train
 
 C, T = 16, 64
 

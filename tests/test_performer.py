@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from knnformer.config import ModelConfig, PerformerConfig, load_config
-from knnformer.generate import sample_ids
-from knnformer.model import Transformer, empty_cache
-from knnformer.performer import (PerformerCache, causal_linear_attention, feature_logits, linear_attention,
-                                 orthogonal_features, query_features)
+from knnformer.serve.generate import sample_ids
+from knnformer.model.layers import empty_cache
+from knnformer.model.transformer import Transformer
+from knnformer.model.performer import PerformerCache, causal_linear_attention, feature_logits, linear_attention, orthogonal_features, query_features
 
 
 def performer_model(seed: int = 0, chunk_size: int = 8, **overrides) -> Transformer:
@@ -119,7 +119,7 @@ def test_redraw_is_seeded_and_the_projection_is_saved_with_the_weights():
     model = performer_model()
     key = "blocks.0.attn.favor.projection"
     before = model.state_dict()[key].clone()
-    from knnformer.performer import redraw_features
+    from knnformer.model.performer import redraw_features
 
     assert redraw_features(model, torch.Generator().manual_seed(5)) == 2
     after = model.state_dict()[key].clone()
@@ -129,8 +129,8 @@ def test_redraw_is_seeded_and_the_projection_is_saved_with_the_weights():
 
 
 def test_trainer_redraws_on_schedule_and_resume_reproduces(tmp_path, byte_store, tiny_config):
-    from knnformer.checkpoint import latest_checkpoint
-    from knnformer.trainer import train
+    from knnformer.run.checkpoint import latest_checkpoint
+    from knnformer.train.trainer import train
 
     tiny_config.model.attention = "performer"
     tiny_config.model.performer.redraw_interval = 3

@@ -11,19 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from knnformer.checkpoint import latest_checkpoint, list_checkpoints
+from knnformer.run.checkpoint import latest_checkpoint, list_checkpoints
 from knnformer.config import load_config
-from knnformer.corpus import Document
-from knnformer.datastore import Datastore, write_datastore
-from knnformer.evaluate import evaluate_run
-from knnformer.index import exact_search
-from knnformer.model import Transformer
-from knnformer.neighbours import index_datastore, load_neighbours
-from knnformer.refresh import (BackgroundRefresh, load_refresh, parse_schedule, refresh_due, refresh_neighbours,
-                               resolved_lag)
-from knnformer.retriever import embed_all_chunks
-from knnformer.tokenizer import ByteTokenizer
-from knnformer.trainer import train
+from knnformer.data.corpus import Document
+from knnformer.data.datastore import Datastore, write_datastore
+from knnformer.eval.evaluate import evaluate_run
+from knnformer.retrieval.index import exact_search
+from knnformer.model.transformer import Transformer
+from knnformer.retrieval.build import index_datastore
+from knnformer.retrieval.neighbours import load_neighbours
+from knnformer.config import parse_schedule, resolved_lag
+from knnformer.run.refreshes import load_refresh
+from knnformer.train.refresh import BackgroundRefresh, refresh_due, refresh_neighbours
+from knnformer.run.embedder import embed_all_chunks
+from knnformer.data.tokenizer import ByteTokenizer
+from knnformer.train.trainer import train
 
 C = 16
 
@@ -109,7 +111,7 @@ def test_refreshed_index_recall_stays_above_the_floor(tmp_path, kind):
 
 
 def test_a_refresh_searches_its_hnsw_index_as_wide_as_configured_and_records_it(tmp_path):
-    from knnformer.index import build_dense_index
+    from knnformer.retrieval.index import build_dense_index
 
     store = line_store(tmp_path)
     config = learned_config()
@@ -192,8 +194,8 @@ def test_generation_of_a_learned_run_searches_its_last_refresh(tmp_path, capsys)
     """Live retrieval embeds the text with the run's learned retriever and searches its refreshed vectors: a
     valid chunk's text finds exactly the neighbours the refresh stored for that chunk."""
     from knnformer.cli import main
-    from knnformer.evaluate import load_run
-    from knnformer.refresh import open_run_retriever
+    from knnformer.run.record import load_run
+    from knnformer.run.refreshes import open_run_retriever
 
     store = line_store(tmp_path)
     config = learned_config("train.steps=2", "train.checkpoint_interval=2", "train.eval_interval=0",
@@ -257,7 +259,7 @@ def test_background_refresh_swaps_in_at_a_fixed_step_and_resume_mid_flight_repro
 
 
 def test_a_failed_background_refresh_is_raised_in_the_training_thread(tmp_path, monkeypatch):
-    import knnformer.refresh as refresh
+    import knnformer.train.refresh as refresh
 
     store = line_store(tmp_path)
     config = learned_config("retrieval.refresh=0-:4")
@@ -290,7 +292,7 @@ def test_refreshes_no_checkpoint_reads_give_back_their_arrays_but_keep_their_man
 def test_a_retriever_reading_the_frozen_embedder_trains_refreshes_evaluates_and_generates(tmp_path, capsys):
     """retriever_input=embedder: before training, a refresh (identity projection) finds exactly the datastore's
     neighbours; after training with background refreshes, evaluate and generate read the run's own neighbours."""
-    from knnformer.batches import neighbour_inputs, relevance_vectors
+    from knnformer.run.batches import neighbour_inputs, relevance_vectors
     from knnformer.cli import main
 
     store = line_store(tmp_path)
@@ -335,8 +337,8 @@ def test_a_retriever_reading_the_embedder_refuses_bm25_neighbours(tmp_path):
 
 
 def test_the_retriever_learns_at_its_own_rate_without_weight_decay(tmp_path):
-    from knnformer.checkpoint import load_checkpoint
-    from knnformer.trainer import make_optimizer
+    from knnformer.run.checkpoint import load_checkpoint
+    from knnformer.train.optim import make_optimizer
 
     store = line_store(tmp_path)
     config = learned_config("train.steps=3", "train.eval_interval=0", "retrieval.retriever_lr_scale=0")

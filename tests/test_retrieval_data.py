@@ -12,14 +12,16 @@ import os
 import numpy as np
 import pytest
 
-from knnformer.chunks import chunk_layout, provenance
-from knnformer.corpus import Document, assign_splits
-from knnformer.datastore import Datastore, write_datastore
-from knnformer.embedders import BytesHashEmbedder, make_embedder
-from knnformer.index import (FLAT_MAX, BM25Index, DenseIndex, SearchResult, build_dense_index, choose_index_kind,
-                             exact_search, exact_search_excluding, measure_recall)
-from knnformer.neighbours import compute_neighbours, index_datastore, load_neighbours, open_retriever
-from knnformer.tokenizer import BPETokenizer, ByteTokenizer
+from knnformer.data.chunks import chunk_layout, provenance
+from knnformer.data.corpus import Document, assign_splits
+from knnformer.data.datastore import Datastore, write_datastore
+from knnformer.retrieval.embedders import BytesHashEmbedder, make_embedder
+from knnformer.retrieval.index import FLAT_MAX, BM25Index, DenseIndex, SearchResult, build_dense_index, choose_index_kind, exact_search, exact_search_excluding, measure_recall
+from knnformer.retrieval.build import index_datastore
+from knnformer.retrieval.live import open_retriever
+from knnformer.retrieval.neighbours import load_neighbours
+from knnformer.retrieval.search import compute_neighbours
+from knnformer.data.tokenizer import BPETokenizer, ByteTokenizer
 
 C = 16
 
@@ -329,7 +331,7 @@ def test_live_retrieval_finds_the_stored_chunk(tmp_path):
 def test_temporaries_of_dead_processes_are_cleaned_up(tmp_path):
     import subprocess
 
-    from knnformer.chunks import tmp_path as temporary
+    from knnformer.io import tmp_path as temporary
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -363,7 +365,7 @@ def test_run_embedder_is_the_runs_mean_pooled_hidden_state_and_follows_its_check
     import torch
 
     from knnformer.config import load_config
-    from knnformer.trainer import train
+    from knnformer.train.trainer import train
 
     store = _store(tmp_path, _multi_doc_corpus())
     config = load_config("tiny", ["train.steps=3", "train.eval_interval=0", "train.checkpoint_interval=3"])

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from knnformer.config import load_config
-from knnformer.corpus import Document
-from knnformer.datastore import Datastore, write_datastore
-from knnformer.evaluate import evaluate_run, longest_shared_run
-from knnformer.neighbours import index_datastore
-from knnformer.tokenizer import ByteTokenizer
-from knnformer.trainer import train
+from knnformer.data.corpus import Document
+from knnformer.data.datastore import Datastore, write_datastore
+from knnformer.eval.evaluate import evaluate_run
+from knnformer.eval.overlap import longest_shared_run
+from knnformer.retrieval.build import index_datastore
+from knnformer.data.tokenizer import ByteTokenizer
+from knnformer.train.trainer import train
 
 C = 16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from knnformer.config import ModelConfig, RetrievalConfig
-from knnformer.model import Transformer
+from knnformer.model.transformer import Transformer
 
 C, K = 8, 2
 

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from knnformer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from knnformer.evaluate import load_run, score_tokens, window_plan
-from knnformer.trainer import lr_at, train
+from knnformer.run.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from knnformer.eval.scoring import score_tokens, window_plan
+from knnformer.run.record import load_run
+from knnformer.train.optim import lr_at
+from knnformer.train.trainer import train
 
 
 def losses(run_dir):
@@ -102,7 +104,7 @@ def test_window_plan_scores_every_token_once():
 
 def test_bits_per_byte_equals_hand_computation(tiny_config):
     torch.manual_seed(0)
-    from knnformer.model import Transformer
+    from knnformer.model.transformer import Transformer
 
     model = Transformer(tiny_config.model).eval()
     tokens = np.array([72, 195, 169, 108, 108, 111, 33, 10, 72, 105], dtype=np.uint16)  # "Héllo!\nHi"
@@ -116,7 +118,7 @@ def test_bits_per_byte_equals_hand_computation(tiny_config):
     assert total["tokens"] == 9 and total["bytes"] == 9
     assert total["nll"] == pytest.approx(nll, rel=1e-6)
     bpb = nll / math.log(2) / 9
-    from knnformer.evaluate import summarize
+    from knnformer.eval.evaluate import summarize
 
     assert summarize(total, "valid", 32, 32)["bits_per_byte"] == pytest.approx(bpb, rel=1e-6)
     # a sliding window with a smaller stride scores the same tokens (here all fit in one context)

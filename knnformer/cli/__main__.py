@@ -1,0 +1,7 @@
+"""``python -m knnformer.cli``: the ``knnformer`` command."""
+
+import sys
+
+from knnformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,96 @@
+"""``knnformer index DATASTORE``: chunk, embed, index and precompute neighbours, then print a summary.
+
+Wired into ``cli.py`` by ``add_index_parser(sub)``; it shares the top-level ``--quiet`` flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from tqdm import tqdm
+
+from knnformer.data.chunks import DEFAULT_CHUNK_SIZE
+from knnformer.retrieval.index import DEFAULT_MEMORY_BUDGET, INDEX_KINDS
+from knnformer.retrieval.neighbours import DEFAULT_EMBEDDER, DEFAULT_EXCLUDE_WINDOW, DEFAULT_K
+
+
+class _Bars:
+    """One tqdm bar per stage; the previous stage's bar closes when the next opens."""
+
+    def __init__(self, disable: bool):
+        self.disable, self.bar = disable, None
+
+    def __call__(self, stage: str, total: int):
+        self.close()
+        self.bar = tqdm(total=total, unit="chunk", unit_scale=True, desc=stage, disable=self.disable, dynamic_ncols=True)
+        return self.bar.update
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def format_summary(path: str, section: dict, seconds: float) -> str:
+    chunks, index, nb = section["chunks"], section["index"], section["neighbours"]
+    split = ", ".join(f"{name} {hi - lo:,}" for name, (lo, hi) in chunks["split_chunks"].items())
+    rules = f"window +-{nb['exclude_window']} tokens" + (", own documents" if nb["exclude_same_document"] else "")
+    emb = section.get("embeddings", {})
+    rows = [
+        ("datastore", path),
+        ("chunks", f"{chunks['num_chunks']:,} of {chunks['chunk_size']} tokens ({split})"),
+        ("embedder", index["embedder"] + (f" (dim {index['dim']})" if index["dim"] else " (sparse)")
+         + (f", embedded in {emb['seconds']:.1f}s" if emb.get("fingerprint") == index["embedder_fingerprint"] else "")),
+        ("index", f"{index['kind']}, {index['num_vectors']:,} train chunks, {index['bytes_per_chunk']:,.0f} bytes/chunk, "
+                  f"built in {index['build_seconds']:.1f}s"),
+        ("recall@10", f"{index['recall_at_10']:.4f}" + (f" vs exact on {index['recall_queries']:,} queries"
+                                                         if index["recall_queries"] else " (exact search)")),
+        ("neighbours", f"k={nb['k']} per chunk in {nb['seconds']:.1f}s; excluded: {rules}"
+                       + (f"; {nb['num_short_rows']:,} chunks short of k" if nb["num_short_rows"] else "")),
+        *([("second hop", f"in {section['neighbours_hop2']['seconds']:.1f}s; "
+                          f"{section['neighbours_hop2']['merge']}")] if "neighbours_hop2" in section else []),
+        ("total", f"{seconds:.1f}s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def cmd_index(args) -> int:
+    from knnformer.retrieval.build import index_datastore
+
+    t0 = time.perf_counter()
+    bars = _Bars(getattr(args, "quiet", False))
+    try:
+        section = index_datastore(args.datastore, embedder=args.embedder, index=args.index, k=args.k,
+                                  chunk_size=args.chunk_size, exclude_window=args.exclude_window,
+                                  memory_budget=int(args.memory_budget * (1 << 30)), force=args.force,
+                                  progress=bars, hops=args.hops)
+    finally:
+        bars.close()
+    print(f"indexed {args.datastore}")
+    print(format_summary(args.datastore, section, time.perf_counter() - t0))
+    return 0
+
+
+def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    s = sub.add_parser("index", help="embed a datastore's chunks, index the train chunks and precompute neighbours")
+    s.add_argument("datastore")
+    s.add_argument("--embedder", default=DEFAULT_EMBEDDER, metavar="minilm|minilm-fp32|bm25|bytes-hash|run:RUN",
+                   help=f"what embeds each chunk (default: {DEFAULT_EMBEDDER})")
+    s.add_argument("--index", default="auto", choices=INDEX_KINDS,
+                   help="faiss index: exact flat, hnsw or ivfpq; auto picks by size and --memory-budget")
+    s.add_argument("--k", type=int, default=DEFAULT_K, help=f"neighbours stored per chunk (default {DEFAULT_K})")
+    s.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                   help=f"tokens per chunk (default {DEFAULT_CHUNK_SIZE})")
+    s.add_argument("--exclude-window", type=int, default=DEFAULT_EXCLUDE_WINDOW,
+                   help="a train chunk gets no neighbour within this many tokens of it; at least the model's "
+                        f"context plus one chunk (default {DEFAULT_EXCLUDE_WINDOW})")
+    s.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET / (1 << 30),
+                   help="GiB the index may take; auto picks a smaller index kind above it (default 2)")
+    s.add_argument("--hops", type=int, default=1, choices=[1, 2],
+                   help="2: also the second hop's neighbours, searched with each chunk joined with its first "
+                        "neighbour (for retrieval.hops=2; see knnformer/hops.py)")
+    s.add_argument("--force", action="store_true", help="recompute the embeddings even if the manifest says they match")
+    s.set_defaults(func=cmd_index)
+    return s

@@ -1,0 +1,214 @@
+"""The datastore: a corpus tokenized once, memory-mapped for every later stage.
+
+Layout (see DESIGN.md)::
+
+    DATASTORE/
+      manifest.json   what built it: corpus sha256, tokenizer, split sizes, versions
+      tokenizer.json  raw bytes or byte-level BPE
+      tokens.bin      token ids of every document, train documents first, then valid, then test
+      docs.npy        one row per document: start, length (tokens), num_bytes (UTF-8), split (0/1/2)
+      docs.json       each document's id (file path or record id), in the same order
+
+Each split is one contiguous range of ``tokens.bin``. A datastore is written to a temporary folder and renamed
+into place, so a failed or interrupted ``prepare`` never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from knnformer import __version__
+from knnformer.data.corpus import SPLITS, Document
+from knnformer.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DOC_DTYPE = np.dtype([("start", "<i8"), ("length", "<i8"), ("num_bytes", "<i8"), ("split", "i1")])
+
+
+def corpus_sha256(docs: list[Document]) -> str:
+    """A hash of every document's id and text, independent of how they were split."""
+    h = hashlib.sha256()
+    for doc in sorted(docs, key=lambda d: d.doc_id):
+        h.update(doc.doc_id.encode("utf-8") + b"\0")
+        h.update(doc.text.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import tokenizers
+
+    return {"knnformer": __version__, "numpy": np.__version__, "tokenizers": tokenizers.__version__,
+            "python": platform.python_version()}
+
+
+def build_tokenizer(docs: list[Document], kind: str, vocab_size: int) -> Tokenizer:
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "bpe":
+        train_texts = [d.text for d in docs if d.split == "train"]
+        if not train_texts:
+            raise ValueError("the train split is empty: a BPE tokenizer is trained on it; lower --valid-fraction")
+        return BPETokenizer.train(train_texts, vocab_size)
+    raise ValueError(f"--tokenizer must be bytes or bpe, got {kind!r}")
+
+
+def encoding_batches(lengths: list[int], max_chars: int = 4 << 20, max_docs: int = 256) -> list[tuple[int, int]]:
+    """Consecutive [begin, end) ranges of documents to tokenize together: at most ``max_docs`` documents and
+    ``max_chars`` characters each (a longer document is a batch of its own). The tokenizer's per-token
+    intermediates are many times the text's size, so bounding a batch by characters bounds prepare's memory."""
+    batches, begin, chars = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > begin and (chars + n > max_chars or i - begin == max_docs):
+            batches.append((begin, i))
+            begin, chars = i, 0
+        chars += n
+    if begin < len(lengths):
+        batches.append((begin, len(lengths)))
+    return batches
+
+
+def _with_eot(ids: list[int], eot_id: int, dtype) -> np.ndarray:
+    out = np.empty(len(ids) + 1, dtype=dtype)
+    out[:-1] = ids
+    out[-1] = eot_id
+    return out
+
+
+def write_datastore(out: str | Path, docs: list[Document], tokenizer: Tokenizer, sources: list[str],
+                    overwrite: bool = False, progress=None) -> Path:
+    """Tokenize ``docs`` (already split) and write the datastore atomically. ``progress(n)`` gets document counts."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists; pass --force to replace it")
+    order = sorted(range(len(docs)), key=lambda i: SPLITS.index(docs[i].split))
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+        rows = np.zeros(len(docs), dtype=DOC_DTYPE)
+        start = 0
+        with open(tmp / "tokens.bin", "wb") as f:
+            for b, e in encoding_batches([len(docs[i].text) for i in order]):
+                idx = order[b:e]
+                texts = [docs[i].text for i in idx]
+                if isinstance(tokenizer, BPETokenizer):
+                    encoded = [_with_eot(ids, tokenizer.eot_id, dtype) for ids in tokenizer.encode_batch(texts)]
+                else:
+                    encoded = [tokenizer.encode_array(t).astype(dtype) for t in texts]
+                for row, i, ids in zip(range(b, e), idx, encoded):
+                    ids.tofile(f)
+                    rows[row] = (start, len(ids), len(docs[i].text.encode("utf-8")), SPLITS.index(docs[i].split))
+                    start += len(ids)
+                if progress is not None:
+                    progress(len(idx))
+        np.save(tmp / "docs.npy", rows)
+        (tmp / "docs.json").write_text(json.dumps([docs[i].doc_id for i in order], ensure_ascii=False))
+        (tmp / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        splits = {}
+        for s, name in enumerate(SPLITS):
+            sel = rows[rows["split"] == s]
+            lo = int(sel["start"].min()) if len(sel) else int(start)
+            splits[name] = {"documents": int(len(sel)), "tokens": int(sel["length"].sum()),
+                            "bytes": int(sel["num_bytes"].sum()), "start": lo, "end": lo + int(sel["length"].sum())}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "corpus_sha256": corpus_sha256(docs),
+            "sources": sources,
+            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                          "fingerprint": tokenizer.fingerprint()},
+            "token_dtype": np.dtype(dtype).name,
+            "num_tokens": int(start),
+            "splits": splits,
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class Datastore:
+    """A read-only view of a prepared datastore; token arrays are memory-mapped, never loaded whole."""
+
+    path: Path
+    manifest: dict
+    tokenizer: Tokenizer
+    tokens: np.memmap
+    docs: np.ndarray
+    doc_ids: list[str]
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Datastore":
+        path = Path(path)
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise ValueError(f"{path} is not a datastore (no manifest.json); build one with `knnformer prepare`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{manifest_path} is corrupt; rebuild with `knnformer prepare --force`") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} was built by datastore format {manifest.get('format_version')} "
+                             f"(knnformer {manifest.get('versions', {}).get('knnformer')}); this knnformer reads "
+                             f"format {FORMAT_VERSION}: rebuild it with `knnformer prepare --force`")
+        tokenizer = load_tokenizer(path / "tokenizer.json")
+        if tokenizer.fingerprint() != manifest["tokenizer"]["fingerprint"]:
+            raise ValueError(f"{path}/tokenizer.json does not match the manifest's tokenizer; "
+                             "rebuild with `knnformer prepare --force`")
+        expected = manifest["num_tokens"] * np.dtype(manifest["token_dtype"]).itemsize
+        actual = (path / "tokens.bin").stat().st_size if (path / "tokens.bin").exists() else -1
+        if actual != expected:
+            raise ValueError(f"{path}/tokens.bin is truncated or missing ({actual} bytes, expected {expected}); "
+                             "rebuild with `knnformer prepare --force`")
+        try:
+            tokens = np.memmap(path / "tokens.bin", dtype=manifest["token_dtype"], mode="r")
+            docs = np.load(path / "docs.npy")
+            doc_ids = json.loads((path / "docs.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is incomplete or corrupt ({e}); rebuild with `knnformer prepare --force`") from None
+        if len(tokens) != manifest["num_tokens"] or len(docs) != len(doc_ids):
+            raise ValueError(f"{path}/tokens.bin is truncated; rebuild with `knnformer prepare --force`")
+        return cls(path, manifest, tokenizer, tokens, docs, doc_ids)
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        info = self.manifest["splits"][split]
+        return info["start"], info["end"]
+
+    def split_tokens(self, split: str) -> np.ndarray:
+        """The split's token ids, a memory-mapped view."""
+        lo, hi = self.split_range(split)
+        return self.tokens[lo:hi]
+
+    def split_bytes(self, split: str) -> int:
+        return self.manifest["splits"][split]["bytes"]
+
+    def require_split(self, split: str, min_tokens: int) -> np.ndarray:
+        data = self.split_tokens(split)
+        if len(data) < min_tokens:
+            raise ValueError(f"the {split} split of {self.path} has {len(data)} tokens, fewer than the {min_tokens} "
+                             f"needed; re-run `knnformer prepare` with a larger corpus or other split fractions")
+        return data

@@ -1,0 +1,76 @@
+"""model.retriever: moved from retriever."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from knnformer.config import ModelConfig, RetrievalConfig
+
+
+class LearnedRetriever(nn.Module):
+    """The projection W and the scalar beta; the decoder blocks it reads belong to the model."""
+
+    def __init__(self, model: ModelConfig, config: RetrievalConfig):
+        super().__init__()
+        self.layer = config.retriever_layer
+        self.chunk_size = config.chunk_size
+        self.reads_embedder = config.retriever_input == "embedder"
+        if self.reads_embedder and config.retriever_input_dim <= 0:
+            raise ValueError("retrieval.retriever_input=embedder needs retrieval.retriever_input_dim, the frozen "
+                             "embedder's width (train fills it in from the datastore)")
+        width = config.retriever_input_dim if self.reads_embedder else model.dim
+        dim = config.retriever_dim or width
+        self.proj = nn.Linear(width, dim, bias=False)
+        self.beta = nn.Parameter(torch.tensor(float(config.relevance_beta)))
+        self.identity_init = dim == width
+
+    def reset_parameters(self) -> None:
+        """Identity projection when widths match (see the module docstring); the model's init otherwise."""
+        if self.identity_init:
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.eye(self.proj.weight.shape[0]))
+
+    def embed(self, decoder, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (N, Dr) of chunks ``tokens`` (N, C) with ``mask`` (N, C) (real tokens first, padding after:
+        the causal blocks leave a real position untouched by padding after it). An all-masked row gives zeros."""
+        N, C = tokens.shape
+        x = decoder.embed(tokens)  # (N, C, D)
+        cos, sin = decoder.rope_cos[:C], decoder.rope_sin[:C]
+        for block in decoder.blocks[: self.layer + 1]:
+            x = block(x, cos, sin)
+        m = mask.to(x.dtype)[..., None]  # (N, C, 1)
+        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1)  # (N, D)
+        return F.normalize(self.proj(pooled), dim=-1, eps=1e-6)
+
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (..., Dr) of frozen embedder vectors (..., De) (``retriever_input=embedder``); zero rows
+        (no chunk) stay zero."""
+        return F.normalize(self.proj(vectors), dim=-1, eps=1e-6)
+
+    def relevance(self, decoder, idx: torch.Tensor, neighbours: torch.Tensor, mask: torch.Tensor,
+                  vectors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``cos(q_s, z_j)`` (B, S, K) for window tokens ``idx`` (B, T) and neighbour tokens/mask (B, S, K, R):
+        q_s from window chunk s - 1 (zero for slot 0), z_j from the neighbour's own first C tokens. Reading the
+        embedder: from ``vectors`` = (frozen vectors of each slot's query chunk (B, S, De), of each neighbour
+        (B, S, K, De))."""
+        if self.reads_embedder:
+            if vectors is None:
+                raise ValueError("this model's learned retriever reads the frozen embedder's vectors "
+                                 "(retriever_input=embedder): pass retrieval_vectors with the neighbours")
+            q, z = self.project(vectors[0].float()), self.project(vectors[1].float())
+            return torch.einsum("bsd,bskd->bsk", q, z)
+        B, S, K, R = neighbours.shape
+        C = self.chunk_size
+        z = self.embed(decoder, neighbours[..., :C].reshape(-1, C), mask[..., :C].reshape(-1, C))
+        z = z.view(B, S, K, -1)  # (B, S, K, Dr)
+        q = self.embed(decoder, idx[:, : (S - 1) * C].reshape(-1, C), torch.ones(B * (S - 1), C, dtype=torch.bool,
+                                                                                 device=idx.device))
+        q = torch.cat([z.new_zeros(B, 1, z.shape[-1]), q.view(B, S - 1, z.shape[-1])], dim=1)  # (B, S, Dr)
+        return torch.einsum("bsd,bskd->bsk", q, z)
+
+    def bias(self, relevance: torch.Tensor, R: int) -> torch.Tensor:
+        """``beta * relevance`` on each of a neighbour's R keys: (B*S, 1, 1, K*R), added to CCA's logits."""
+        B, S, K = relevance.shape
+        return (self.beta * relevance).reshape(B * S, 1, 1, K, 1).expand(-1, -1, -1, -1, R).reshape(B * S, 1, 1, K * R)

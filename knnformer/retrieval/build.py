@@ -1,0 +1,148 @@
+"""retrieval.build: moved from neighbours."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from knnformer.data.chunks import DEFAULT_CHUNK_SIZE, chunk_layout, chunk_texts, update_retrieval_manifest
+from knnformer.data.datastore import Datastore
+from knnformer.retrieval.embedders import chunks_to_embeddings, make_embedder
+from knnformer.retrieval.index import (
+    DEFAULT_MEMORY_BUDGET,
+    INDEX_KINDS,
+    BM25Index,
+    SearchResult,
+    choose_index_kind,
+    exact_search_excluding,
+    path_size,
+)
+from knnformer.retrieval.neighbours import (
+    BM25_INDEX_DIR,
+    DEFAULT_EMBEDDER,
+    DEFAULT_EXCLUDE_WINDOW,
+    DEFAULT_K,
+    DENSE_INDEX_FILE,
+    NEIGHBOURS_FILE,
+    SCORES_FILE,
+    Progress,
+    _no_progress,
+    _save_npy,
+)
+from knnformer.retrieval.search import compute_neighbours, dense_neighbours
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- the stage
+
+def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: str = "auto", k: int = DEFAULT_K,
+                    chunk_size: int = DEFAULT_CHUNK_SIZE, exclude_window: int = DEFAULT_EXCLUDE_WINDOW,
+                    memory_budget: int = DEFAULT_MEMORY_BUDGET, force: bool = False, seed: int = 0,
+                    progress: Progress = _no_progress, hops: int = 1) -> dict:
+    """Chunk, embed, index and precompute neighbours for the datastore at ``path``; returns the manifest's
+    ``retrieval`` section. Embeddings are reused when the manifest matches (``force`` recomputes them). With
+    ``hops=2`` the second hop's neighbours are computed too and written beside the first's (see hops.py)."""
+    store = Datastore.open(path)
+    layout = chunk_layout(store, chunk_size)
+    if layout.num_train == 0:
+        raise ValueError(f"the train split of {store.path} is empty: there is nothing to retrieve from; re-run "
+                         "`knnformer prepare` with a smaller --valid-fraction/--test-fraction")
+    if not 1 <= k <= layout.num_train:
+        raise ValueError(f"--k {k} must be between 1 and the {layout.num_train} train chunks of {store.path}; "
+                         "lower --k or --chunk-size")
+    if exclude_window < 0:
+        raise ValueError(f"--exclude-window must be >= 0, got {exclude_window}")
+    if index not in INDEX_KINDS:
+        raise ValueError(f"unknown --index {index!r}; pick one of {', '.join(INDEX_KINDS)}")
+    if hops not in (1, 2):
+        raise ValueError(f"--hops must be 1 or 2, got {hops}")
+    emb = make_embedder(embedder)
+    from knnformer.retrieval.hops import HOP2_FILE, HOP2_SCORES_FILE, second_hop, second_hop_texts
+
+    tok_fp = store.manifest["tokenizer"]["fingerprint"]
+    train_ids = np.arange(layout.num_train)
+    t0 = time.perf_counter()
+    single = int(store.manifest["splits"]["train"]["documents"]) <= 1
+    if emb.sparse:
+        if index not in ("auto", "flat"):
+            raise ValueError(f"--index {index} is for dense embedders; bm25 has its own exact index (use --index auto)")
+        kind = "bm25"
+        built = BM25Index.build(chunk_texts(store, layout, train_ids))
+        progress("indexing", layout.num_train)(layout.num_train)
+        build_s = time.perf_counter() - t0
+        recall, recall_queries = 1.0, 0
+
+        def search(ids: np.ndarray, kk: int) -> SearchResult:
+            return built.search(chunk_texts(store, layout, ids), kk)
+
+        t1 = time.perf_counter()
+        ids, scores, num_short = compute_neighbours(layout, search, k, exclude_window, not single,
+                                                    progress=progress("neighbours", layout.num_chunks))
+        neighbours_s = time.perf_counter() - t1
+
+        def search_hop2(q: np.ndarray, kk: int) -> SearchResult:
+            return built.search(second_hop_texts(store, layout, q, ids[q, 0]), kk)
+
+        exact_hop2 = None
+    else:
+        vectors, reused = chunks_to_embeddings(store, layout, emb, force, progress=progress("embedding", layout.num_chunks))
+        kind = choose_index_kind(layout.num_train, emb.dim, memory_budget) if index == "auto" else index
+        dense = dense_neighbours(layout, vectors, k, exclude_window, not single, kind, seed, progress=progress)
+        built, ids, scores, num_short = dense.index, dense.ids, dense.scores, dense.num_short
+        recall, recall_queries, build_s, neighbours_s = (dense.recall, dense.recall_queries, dense.build_seconds,
+                                                         dense.neighbours_seconds)
+        if hops == 2:  # the second hop's query vectors, every chunk's (float32 in memory)
+            first = ids[:, 0]
+            joined = np.concatenate([emb.embed(second_hop_texts(store, layout, q, first[q])) for q in
+                                     np.array_split(np.arange(layout.num_chunks), -(-layout.num_chunks // 1024))])
+
+            def search_hop2(q: np.ndarray, kk: int) -> SearchResult:
+                return built.search(joined[q], kk)
+
+            def exact_hop2(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, kk: int) -> SearchResult:
+                return exact_search_excluding(vectors[: layout.num_train], joined[q], kk, lo, hi)
+    if num_short:
+        logger.warning("%d chunks have fewer than %d allowed neighbours (padded with -1)", num_short, k)
+    hop2 = None
+    if hops == 2:
+        t2 = time.perf_counter()
+        hop2 = second_hop(layout, ids, scores, search_hop2, k, exclude_window, not single, exact_hop2)
+        hop2_s = time.perf_counter() - t2
+
+    # all computed: now replace the files and the manifest entries, the entries last
+    index_file = BM25_INDEX_DIR if emb.sparse else DENSE_INDEX_FILE
+    update_retrieval_manifest(store.path, drop=("index", "neighbours", "neighbours_hop2"))
+    built.save(store.path / index_file)
+    _save_npy(store.path / NEIGHBOURS_FILE, ids)
+    _save_npy(store.path / SCORES_FILE, scores)
+    if hop2 is not None:
+        _save_npy(store.path / HOP2_FILE, hop2[0])
+        _save_npy(store.path / HOP2_SCORES_FILE, hop2[1])
+    other = store.path / (DENSE_INDEX_FILE if emb.sparse else BM25_INDEX_DIR)
+    if other.is_dir():
+        import shutil
+
+        shutil.rmtree(other)
+    elif other.exists():
+        other.unlink()
+    common = {"embedder": emb.name, "embedder_fingerprint": emb.fingerprint(), "tokenizer_fingerprint": tok_fp,
+              "chunk_size": chunk_size}
+    return update_retrieval_manifest(store.path, {
+        "chunks": layout.describe(),
+        "index": {**common, "kind": kind, "file": index_file, "dim": emb.dim, "num_vectors": layout.num_train,
+                  "recall_at_10": round(float(recall), 4), "recall_queries": recall_queries,
+                  "build_seconds": round(build_s, 3),
+                  "bytes_per_chunk": round(path_size(store.path / index_file) / layout.num_train, 1),
+                  "memory_budget": memory_budget},
+        "neighbours": {**common, "file": NEIGHBOURS_FILE, "scores_file": SCORES_FILE, "k": k,
+                       "num_chunks": layout.num_chunks, "index_kind": kind, "exclude_window": exclude_window,
+                       "exclude_same_document": not single, "num_short_rows": num_short,
+                       "seconds": round(neighbours_s, 3), "hops": 1},
+        **({"neighbours_hop2": {"file": HOP2_FILE, "scores_file": HOP2_SCORES_FILE, "hops": 2,
+                                "merge": "first hop's top neighbour, then the second hop's results",
+                                "num_short_rows": hop2[2], "seconds": round(hop2_s, 3)}} if hop2 else {}),
+    })

@@ -1,0 +1,71 @@
+"""retrieval.live: moved from neighbours."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from knnformer.data.chunks import ChunkLayout, chunk_layout, chunk_texts, read_retrieval_manifest
+from knnformer.data.datastore import Datastore
+from knnformer.retrieval.embedders import make_embedder
+from knnformer.retrieval.index import BM25Index, DenseIndex, SearchResult
+from knnformer.retrieval.neighbours import NeighbourBatch, neighbour_tokens
+
+logger = logging.getLogger(__name__)
+
+
+def open_index(store: Datastore) -> DenseIndex | BM25Index:
+    """The saved index of a datastore (memory-mapped), for live retrieval at generation time."""
+    info = read_retrieval_manifest(store.path).get("index")
+    if info is None:
+        raise ValueError(f"{store.path} has no index; build it with `knnformer index {store.path}`")
+    if info["kind"] == "bm25":
+        return BM25Index.load(store.path / info["file"])
+    return DenseIndex.load(store.path / info["file"], info["kind"])
+
+
+@dataclass
+class Retriever:
+    """Live retrieval for text the datastore does not hold (generation): embed, search, gather tokens."""
+
+    store: Datastore
+    layout: ChunkLayout
+    index: DenseIndex | BM25Index
+    embedder: object
+    hops: int = 1
+    """1, or 2 for a run trained with ``retrieval.hops=2`` (see ``neighbours``)."""
+
+    def search(self, texts: list[str], k: int) -> SearchResult:
+        """The ``k`` nearest train chunks of each text."""
+        return self.index.search(texts if self.embedder.sparse else self.embedder.embed(texts), k)
+
+    def neighbours(self, texts: list[str], k: int, pad_id: int = 0) -> NeighbourBatch:
+        """Like ``Neighbours.for_chunks`` for chunks of new text: (len(texts), k, 2C) tokens and mask. With
+        ``hops`` = 2, as the run was trained: the first hop's top neighbour, then the second hop's results (its
+        query: the text joined with that neighbour's text), as ``hops.merge_hops`` orders them."""
+        D, I = self.search(texts, k)
+        if self.hops == 2:
+            from knnformer.retrieval.hops import merge_hops
+
+            first = chunk_texts(self.store, self.layout, np.maximum(I[:, 0], 0))
+            D2, I2 = self.search([t + f if i >= 0 else t for t, f, i in zip(texts, first, I[:, 0])], k)
+            I, D = merge_hops(I, D, I2, D2, k)
+            I, D = I.astype(np.int64), D.astype(np.float32)
+        tokens, mask = neighbour_tokens(self.store, self.layout, I, pad_id)
+        return NeighbourBatch(tokens, mask, I, np.where(I >= 0, D, 0).astype(np.float32))
+
+
+def open_retriever(datastore: str | Path | Datastore) -> Retriever:
+    """The datastore's index with the embedder that built it (refused if that embedder has changed since)."""
+    store = datastore if isinstance(datastore, Datastore) else Datastore.open(datastore)
+    info = read_retrieval_manifest(store.path).get("index")
+    if info is None:
+        raise ValueError(f"{store.path} has no index; build it with `knnformer index {store.path}`")
+    embedder = make_embedder(info["embedder"])
+    if embedder.fingerprint() != info["embedder_fingerprint"]:
+        raise ValueError(f"the index of {store.path} was built by another version of embedder {info['embedder']!r}; "
+                         f"rebuild with `knnformer index {store.path} --embedder {info['embedder']} --force`")
+    return Retriever(store, chunk_layout(store, info["chunk_size"]), open_index(store), embedder)

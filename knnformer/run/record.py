@@ -1,0 +1,68 @@
+"""run.record: moved from evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from knnformer.config import config_from_dict
+from knnformer.data.datastore import Datastore
+from knnformer.model.transformer import Transformer
+from knnformer.run.checkpoint import latest_checkpoint, load_checkpoint
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Transformer, dict[str, Any], Path]:
+    """The model of a run's newest checkpoint, its run record and the checkpoint path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run folder {run_dir} does not exist")
+    ckpt = load_checkpoint(latest_checkpoint(run_dir))
+    record = ckpt["config"]
+    config = config_from_dict(record["config"])
+    record["config"] = config.to_dict()  # with every default, for runs saved before a section existed
+    model = Transformer(config.model, config.retrieval)
+    try:
+        model.load_state_dict(ckpt["weights"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {ckpt['path']} does not fit its own config ({str(e)[:200]})") from None
+    return model.to(device).eval(), record, ckpt["path"]
+
+
+def open_run_datastore(record: dict[str, Any], override: str | None = None) -> Datastore:
+    """The datastore a run was trained on (or ``override``), refused if its tokenizer differs from the run's."""
+    path = override or record["datastore"]["path"]
+    datastore = Datastore.open(path)
+    expected = record["datastore"]["tokenizer_fingerprint"]
+    if datastore.manifest["tokenizer"]["fingerprint"] != expected:
+        raise ValueError(f"datastore {path} was built with another tokenizer than this run's; "
+                         f"evaluate on the datastore the run was trained on, or retrain")
+    return datastore
+
+
+def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run_dir: str | Path | None = None,
+                   hops: int | None = None):
+    """The datastore's neighbours as the run was trained with them (for a learned retriever, those of the run's
+    last refresh, in ``run_dir``; after ``hops`` hops, default the run's ``retrieval.hops``); for a plain LM,
+    whatever neighbours the datastore has (for the overlap-filtered figures), or None."""
+    from knnformer.retrieval.neighbours import load_neighbours
+
+    rcfg = record["config"]["retrieval"]
+    hops = hops or rcfg.get("hops", 1)
+    refresh = record.get("refresh") or {}
+    if rcfg["enabled"] and refresh.get("id") and run_dir is not None:
+        from knnformer.data.chunks import chunk_layout
+        from knnformer.run.refreshes import load_refresh
+
+        return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]), hops)
+    if rcfg["enabled"]:
+        try:
+            return load_neighbours(store, rcfg["embedder"] or None, rcfg["chunk_size"], hops=hops)
+        except ValueError as e:
+            if required:
+                raise ValueError(f"this run was trained with retrieval and needs its datastore's neighbours: {e}; "
+                                 f"or evaluate it as a plain LM with --retrieval off") from None
+            return None
+    try:
+        return load_neighbours(store)
+    except ValueError:
+        return None

@@ -1,0 +1,211 @@
+"""Sampling with temperature, top-k and top-p over a KV cache (softmax attention) or a constant-size running
+state (Performer attention), streaming UTF-8 text as it is produced."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from knnformer.model.layers import empty_cache
+from knnformer.model.transformer import Transformer
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Next-token probabilities (B, V) from logits (B, V) after temperature, top-k and nucleus filtering."""
+    logits = logits.float() / max(temperature, 1e-6)
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already reach top_p
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@torch.no_grad()
+def sample_ids(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               stop_id: int | None = None) -> Iterator[int]:
+    """Yield new token ids one by one. When the cache fills the context, it is rebuilt from the last half (a
+    Performer's state does not grow, but its rotary positions end at the context too)."""
+    context = model.config.context
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if len(prompt) > context:
+        raise ValueError(f"the prompt is {len(prompt)} tokens, longer than the model's context of {context}; "
+                         f"shorten it")
+    if temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {temperature}")
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    ids = list(prompt)
+    cache = empty_cache(model.config, 1, device, next(model.parameters()).dtype)
+    logits, _ = model(torch.tensor([ids], device=device), cache=cache)
+    for _ in range(max_new_tokens):
+        last = logits[:, -1]
+        if temperature == 0:
+            next_id = int(last.argmax(-1))
+        else:
+            probs = filter_logits(last, temperature, top_k, top_p)
+            next_id = int(torch.multinomial(probs, 1, generator=generator))
+        yield next_id
+        if stop_id is not None and next_id == stop_id:
+            return
+        ids.append(next_id)
+        if cache.length >= context:
+            keep = ids[-(context // 2):]
+            cache = empty_cache(model.config, 1, device, next(model.parameters()).dtype)
+            logits, _ = model(torch.tensor([keep], device=device), cache=cache)
+        else:
+            logits, _ = model(torch.tensor([[next_id]], device=device), cache=cache)
+
+
+def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
+    """Decode token ids to text incrementally, never splitting a UTF-8 character."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for i in ids:
+        piece = decoder.decode(tokenizer.id_to_bytes(i))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+class RetrievingGenerator:
+    """Sampling from a retrieval model: at each chunk boundary of the text (prompt included) the completed chunk
+    is embedded and searched in the datastore's index, and its neighbours serve the tokens that follow (RETRO).
+    Without a KV cache: each step runs the window, which starts on the chunk grid (cheap at these context sizes).
+    Every retrieval is kept with its latency, so the caller can show which neighbours served which chunk."""
+
+    def __init__(self, model: Transformer, retriever, k: int, continuation: bool = True, feed_model: bool = True,
+                 frozen: tuple | None = None):
+        """``frozen``: for a learned retriever reading the frozen embedder, (that embedder, the datastore's vectors
+        of every chunk): each retrieved chunk's text and neighbours get their vectors for the relevance bias."""
+        self.model, self.retriever, self.k = model, retriever, k
+        self.C = retriever.layout.chunk_size
+        self.continuation, self.feed_model = continuation, feed_model
+        self.frozen = frozen
+        self.retrieved: dict[int, object] = {}  # sequence chunk index -> NeighbourBatch row
+        self.query_vectors: dict[int, np.ndarray] = {}  # sequence chunk index -> frozen vector (with ``frozen``)
+        self.latencies_ms: list[float] = []
+
+    def retrieve(self, ids: list[int], chunk: int) -> None:
+        import time
+
+        if chunk in self.retrieved:
+            return
+        text = self.retriever.store.tokenizer.decode(ids[chunk * self.C : (chunk + 1) * self.C])
+        t0 = time.perf_counter()
+        nb = self.retriever.neighbours([text], self.k)
+        self.latencies_ms.append(1000 * (time.perf_counter() - t0))
+        self.retrieved[chunk] = nb
+        if self.frozen is not None:
+            self.query_vectors[chunk] = np.asarray(self.frozen[0].embed([text])[0], dtype=np.float32)
+
+    def slot_inputs(self, ids: list[int], w0: int, length: int) -> dict:
+        """The model's neighbour inputs for the window ``ids[w0 : w0 + length]`` (w0 on the chunk grid):
+        neighbours (1, S, K, R) and mask, and with ``frozen`` the retrieval vectors."""
+        from knnformer.run.batches import gather_rows
+
+        C, K = self.C, self.k
+        R = 2 * C if self.continuation else C
+        S = length // C + 1
+        tokens = torch.zeros(1, S, K, R, dtype=torch.long)
+        mask = torch.zeros(1, S, K, R, dtype=torch.bool)
+        neighbour_ids = np.full((1, S, K), -1, dtype=np.int64)
+        query = None if self.frozen is None else torch.zeros(1, S, self.frozen[1].shape[1])
+        for s in range(S):
+            chunk = w0 // C + s - 1
+            if chunk >= 0 and chunk in self.retrieved:
+                nb = self.retrieved[chunk]
+                tokens[0, s] = torch.from_numpy(nb.tokens[0, :, :R])
+                mask[0, s] = torch.from_numpy(nb.mask[0, :, :R])
+                neighbour_ids[0, s] = nb.ids[0, :K]
+                if query is not None:
+                    query[0, s] = torch.from_numpy(self.query_vectors[chunk])
+        inputs = {"neighbours": tokens, "neighbour_mask": mask}
+        if query is not None:
+            inputs["retrieval_vectors"] = (query, gather_rows(self.frozen[1], neighbour_ids))
+        return inputs
+
+    def sample(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop_id: int | None = None) -> Iterator[int]:
+        """Yield new token ids. faiss searches single-threaded meanwhile: one query gains nothing from threads,
+        and faiss's OpenMP pool spinning beside torch's made each step ~10x slower (measured)."""
+        import faiss
+
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            yield from self._sample(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    @torch.no_grad()
+    def _sample(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id) -> Iterator[int]:
+        T, C = self.model.config.context, self.C
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) > T:
+            raise ValueError(f"the prompt is {len(prompt)} tokens, longer than the model's context of {T}; shorten it")
+        self.model.eval()
+        generator = torch.Generator()
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        ids = list(prompt)
+        for _ in range(max_new_tokens):
+            for chunk in range(len(ids) // C):
+                self.retrieve(ids, chunk)
+            w0 = 0 if len(ids) <= T else -(-(len(ids) - T) // C) * C
+            window = ids[w0:]
+            inputs = {}
+            if self.feed_model and self.model.retrieval is not None:
+                inputs = self.slot_inputs(ids, w0, len(window))
+            logits, _ = self.model(torch.tensor([window]), **inputs)
+            last = logits[:, -1]
+            if temperature == 0:
+                next_id = int(last.argmax(-1))
+            else:
+                next_id = int(torch.multinomial(filter_logits(last, temperature, top_k, top_p), 1, generator=generator))
+            yield next_id
+            if stop_id is not None and next_id == stop_id:
+                return
+            ids.append(next_id)
+        for chunk in range(len(ids) // C):
+            self.retrieve(ids, chunk)
+
+    def provenance(self, ids: list[int], first_generated: int) -> list[dict]:
+        """For each chunk holding generated tokens: its text and the neighbours that served it (those retrieved
+        by the chunk before it), each with its document, offsets, score and text."""
+        from knnformer.data.chunks import provenance
+
+        store, layout, C = self.retriever.store, self.retriever.layout, self.C
+        out = []
+        for chunk in range(first_generated // C, -(-len(ids) // C)):
+            served_by = self.retrieved.get(chunk - 1)
+            neighbours = []
+            if served_by is not None:
+                for j in range(self.k):
+                    cid = int(served_by.ids[0, j])
+                    if cid < 0:
+                        continue
+                    source = provenance(store, layout, cid).to_dict()
+                    source["score"] = float(served_by.scores[0, j])
+                    neighbours.append(source)
+            out.append({"chunk": chunk, "text": store.tokenizer.decode(ids[chunk * C : (chunk + 1) * C]),
+                        "retrieved_with_chunk": chunk - 1 if served_by is not None else None,
+                        "neighbours": neighbours})
+        return out
