@@ -39,7 +39,7 @@ def measure(store, preset: str, sets: list[str], dtype: str, steps: int, warmup:
     from knnformer.run.batches import WindowSampler
     from knnformer.config import load_config
     from knnformer.model.transformer import Transformer
-    from knnformer.run.embedder import frozen_vectors
+    from knnformer.run.vectors import frozen_vectors
     from knnformer.runtime import autocast
     from knnformer.train.optim import make_optimizer
     from knnformer.train.trainer import resolve_retrieval

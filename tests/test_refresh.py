@@ -23,7 +23,7 @@ from knnformer.retrieval.neighbours import load_neighbours
 from knnformer.config import parse_schedule, resolved_lag
 from knnformer.run.refreshes import load_refresh
 from knnformer.train.refresh import BackgroundRefresh, refresh_due, refresh_neighbours
-from knnformer.run.embedder import embed_all_chunks
+from knnformer.run.vectors import embed_all_chunks
 from knnformer.data.tokenizer import ByteTokenizer
 from knnformer.train.trainer import train
 

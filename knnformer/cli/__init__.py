@@ -220,8 +220,8 @@ def cmd_generate(args) -> int:
     retrieving = None
     if rcfg["enabled"] and args.retrieval != "off" or args.show_neighbours or args.json:
         from knnformer.retrieval.live import open_retriever
-        from knnformer.run.embedder import frozen_vectors, reads_embedder
         from knnformer.run.refreshes import open_run_retriever
+        from knnformer.run.vectors import frozen_vectors, reads_embedder
 
         try:
             # a learned run that refreshed searches its own last refresh with its own retriever

@@ -44,7 +44,7 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     any neighbours in the datastore, RETRO's overlap-filtered bits per byte. With retrieval on and
     ``gain_windows`` > 0, ``neighbour_gain`` says what each served neighbour was worth (see ``neighbour_gain``);
     for a run with a learned retriever, ``refreshes`` lists each refresh's index recall."""
-    from knnformer.run.embedder import frozen_vectors
+    from knnformer.run.vectors import frozen_vectors
 
     model, record, ckpt_path = load_run(run_dir)
     store = open_run_datastore(record, datastore)

@@ -531,7 +531,7 @@ def _retrieval_inputs(record: dict, store: Datastore, retrieval: str, run_dir: s
     neighbours ``evaluate`` gives it (for a learned retriever, those of the run's last refresh in ``run_dir``;
     with ``retrieval.sources=train,past``, merged with the document's past), and what identifies them; for a
     plain LM (or retrieval off): None, None."""
-    from knnformer.run.embedder import frozen_vectors
+    from knnformer.run.vectors import frozen_vectors
 
     if retrieval not in ("auto", "on", "off"):
         raise ValueError(f"--retrieval must be on or off, got {retrieval!r}")

@@ -1,4 +1,29 @@
-"""model.retriever: moved from retriever."""
+"""A retriever that learns: the model embeds chunks itself and scores its neighbours with MARGE's relevance bias.
+
+Shape legend:
+    B  batch        S  neighbour slots (see retro.py)        K  neighbours per slot      C  chunk size
+    D  decoder width      Dr  retriever width (``retrieval.retriever_dim``, default D)    N  chunks embedded at once
+
+The representation. A chunk's vector is ``normalize(W @ mean(h))``, h the states after decoder blocks
+0 .. ``retriever_layer`` run on the chunk's own tokens alone (positions 0 .. C - 1, no window around it). Run
+alone, the same function embeds a query chunk inside a training window, a neighbour inside the forward pass,
+and every chunk of the datastore at a refresh: the index is searched with exactly the vectors the bias scores.
+(The window's own states would be free for the query, but they depend on the text before the chunk, which the
+refresh does not see.) W starts as the identity when Dr = D, so an untrained retriever is the run's mean-pooled
+chunk state, the representation ``--embedder run:RUN`` uses (there: final states, here: block ``retriever_layer``).
+
+The bias. Chunked cross-attention from slot s to neighbour j adds ``beta * cos(q_s, z_j)`` to the logits of all
+of j's keys, beta a learned scalar: the softmax gradient reaches q, z, W, beta and the shared decoder blocks.
+Slot 0's query chunk lies before the window, so it has no vector here: its bias is zero.
+Causality: slot s >= 1's query is window chunk s - 1, whose last token sits at s*C - 1, the first position
+slot s serves.
+
+``retrieval.retriever_input=embedder``: the vectors are ``normalize(W @ e)``, e the datastore's frozen embedder
+vector of the chunk (minilm's, say) and W (De, De) starting as the identity, so the retriever starts exactly at
+the frozen embedder's neighbours. The caller hands the model e of every slot's query chunk (slot 0's too: it is
+a datastore chunk before the window) and of every neighbour (``retrieval_vectors``, see batches.py); a refresh
+projects the stored vectors instead of running the model over the corpus.
+"""
 
 from __future__ import annotations
 

@@ -1,34 +1,12 @@
-"""A retriever that learns: the model embeds chunks itself and scores its neighbours with MARGE's relevance bias.
+"""``run:RUN``: a trained run's decoder as a frozen embedder of chunk text (see ``retrieval/embedders.py``).
 
-Shape legend:
-    B  batch        S  neighbour slots (see retro.py)        K  neighbours per slot      C  chunk size
-    D  decoder width      Dr  retriever width (``retrieval.retriever_dim``, default D)    N  chunks embedded at once
-
-The representation. A chunk's vector is ``normalize(W @ mean(h))``, h the states after decoder blocks
-0 .. ``retriever_layer`` run on the chunk's own tokens alone (positions 0 .. C - 1, no window around it). Run
-alone, the same function embeds a query chunk inside a training window, a neighbour inside the forward pass,
-and every chunk of the datastore at a refresh: the index is searched with exactly the vectors the bias scores.
-(The window's own states would be free for the query, but they depend on the text before the chunk, which the
-refresh does not see.) W starts as the identity when Dr = D, so an untrained retriever is the run's mean-pooled
-chunk state, the representation ``--embedder run:RUN`` uses (there: final states, here: block ``retriever_layer``).
-
-The bias. Chunked cross-attention from slot s to neighbour j adds ``beta * cos(q_s, z_j)`` to the logits of all
-of j's keys, beta a learned scalar: the softmax gradient reaches q, z, W, beta and the shared decoder blocks.
-Slot 0's query chunk lies before the window, so it has no vector here: its bias is zero.
-Causality: slot s >= 1's query is window chunk s - 1, whose last token sits at s*C - 1, the first position
-slot s serves.
-
-``retrieval.retriever_input=embedder``: the vectors are ``normalize(W @ e)``, e the datastore's frozen embedder
-vector of the chunk (minilm's, say) and W (De, De) starting as the identity, so the retriever starts exactly at
-the frozen embedder's neighbours. The caller hands the model e of every slot's query chunk (slot 0's too: it is
-a datastore chunk before the window) and of every neighbour (``retrieval_vectors``, see batches.py); a refresh
-projects the stored vectors instead of running the model over the corpus.
-"""
+Retrieval cannot import runs, so this module hands the opener to ``retrieval.embedders.register_embedder``
+when ``knnformer.run`` is imported."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +41,6 @@ class RunEmbedder:
         return f"run:{self.weights_sha256[:16]}:mean-final-hidden"
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
 
         context = self.model.config.context
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -84,127 +61,6 @@ class RunEmbedder:
                 h = self.model.hidden_states(x.to(self.device)).float().cpu()
             out[idx] = ((h * mask).sum(1) / mask.sum(1)).numpy()
         return _normalize(out)
-
-
-def _setting(rcfg, key: str, default=None):
-    """A retrieval setting from the config dataclass or a run record's dict (older records lack newer keys)."""
-    return rcfg.get(key, default) if isinstance(rcfg, dict) else getattr(rcfg, key, default)
-
-
-def reads_embedder(rcfg) -> bool:
-    """Whether a run's retrieval config (the dataclass or a run record's dict) has a learned retriever reading
-    the frozen embedder's vectors."""
-    return _setting(rcfg, "retriever") == "learned" and _setting(rcfg, "retriever_input", "tokens") == "embedder"
-
-
-def frozen_vectors(store, rcfg) -> np.ndarray | None:
-    """For a learned retriever reading the frozen embedder: the datastore's vectors of every chunk (memory-mapped;
-    the embedder and chunk size the run's neighbours came from, and the width it was built with), else None."""
-    if not reads_embedder(rcfg):
-        return None
-    from knnformer.retrieval.neighbours import load_neighbours
-
-    base = load_neighbours(store, _setting(rcfg, "embedder") or None, _setting(rcfg, "chunk_size") or None)
-    if base.vectors is None:
-        raise ValueError(f"retrieval.retriever_input=embedder reads the frozen embedder's vectors, but "
-                         f"{store.path}'s neighbours ({base.info['embedder']}) have none stored: bm25 is not an "
-                         f"embedding; index with a dense embedder (`knnformer index {store.path} --embedder minilm`)"
-                         f", or use retriever_input=tokens")
-    width = _setting(rcfg, "retriever_input_dim") or 0
-    if width and base.vectors.shape[1] != width:
-        raise ValueError(f"the run's retriever reads {width}-wide embedder vectors, but {store.path} holds "
-                         f"{base.vectors.shape[1]}-wide ones; evaluate on the datastore it was trained on")
-    return base.vectors
-
-
-@torch.no_grad()
-def project_vectors(model, vectors: np.ndarray, batch_size: int = 65_536,
-                    progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """The learned retriever's unit vectors (N, Dr) float32 of frozen embedder vectors (N, De) (any float dtype,
-    memory-mapped or not), ``batch_size`` rows at a time: what a refresh indexes for ``retriever_input=embedder``."""
-    retriever = model.retrieval.retriever
-    out = np.zeros((len(vectors), retriever.proj.weight.shape[0]), dtype=np.float32)
-    device = retriever.proj.weight.device
-    for b in range(0, len(vectors), batch_size):
-        x = torch.from_numpy(np.asarray(vectors[b : b + batch_size], dtype=np.float32)).to(device)
-        out[b : b + len(x)] = retriever.project(x).cpu().numpy()
-        if progress is not None:
-            progress(len(x))
-    return out
-
-
-@torch.no_grad()
-def embed_token_rows(model, ids: np.ndarray, mask: np.ndarray, batch_size: int = 512,
-                     progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """The learned retriever's unit vectors (N, Dr) float32 of token rows ``ids`` (N, L) with ``mask`` (N, L)
-    (real tokens first; L at most the context), in eval mode (no dropout: the same weights always give the same
-    vectors), ``batch_size`` rows at a time."""
-    retriever = model.retrieval.retriever
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = np.zeros((len(ids), retriever.proj.weight.shape[0]), dtype=np.float32)
-    try:
-        for b in range(0, len(ids), batch_size):
-            x = torch.from_numpy(np.asarray(ids[b : b + batch_size], dtype=np.int64)).to(device)
-            m = torch.from_numpy(np.asarray(mask[b : b + batch_size], dtype=bool)).to(device)
-            out[b : b + len(x)] = retriever.embed(model, x, m).float().cpu().numpy()
-            if progress is not None:
-                progress(len(x))
-    finally:
-        model.train(was_training)
-    return out
-
-
-def embed_all_chunks(model, tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, batch_size: int = 512,
-                     progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """``embed_token_rows`` of chunks ``tokens[starts[i]:ends[i]]``, read ``batch_size`` chunks at a time."""
-    C = model.retrieval.retriever.chunk_size
-    out = np.zeros((len(starts), model.retrieval.retriever.proj.weight.shape[0]), dtype=np.float32)
-    ar = np.arange(C)
-    for b in range(0, len(starts), batch_size):
-        s, e = starts[b : b + batch_size], ends[b : b + batch_size]
-        pos = s[:, None] + ar
-        mask = pos < e[:, None]
-        ids = np.where(mask, np.asarray(tokens[np.where(mask, pos, 0).reshape(-1)]).reshape(pos.shape), 0)
-        out[b : b + len(s)] = embed_token_rows(model, ids, mask, batch_size, progress)
-    return out
-
-
-class LearnedEmbedder:
-    """A run's learned retriever as an embedder of text, for ``neighbours.Retriever`` (live retrieval while
-    generating): each text is tokenized (at most the context's tokens) and embedded as ``embed_token_rows``
-    does. Decoding a chunk and encoding it again gives back its tokens exactly with the bytes tokenizer; with
-    BPE, rarely, a merge across the chunk's edge differs."""
-
-    sparse = False
-
-    def __init__(self, model, tokenizer, name: str = "learned"):
-        self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.dim = model.retrieval.retriever.proj.weight.shape[0]
-
-    def embed(self, texts) -> np.ndarray:
-        rows = [self.tokenizer.encode(t)[: self.model.config.context] for t in texts]
-        L = max([len(r) for r in rows] + [1])
-        ids = np.zeros((len(rows), L), dtype=np.int64)
-        mask = np.zeros((len(rows), L), dtype=bool)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = r, True
-        return embed_token_rows(self.model, ids, mask)
-
-
-class ProjectedEmbedder:
-    """A run's learned retriever reading the frozen embedder, as an embedder of text for live retrieval: the
-    frozen embedder's vectors of the texts through the run's projection."""
-
-    sparse = False
-
-    def __init__(self, model, frozen, name: str = "learned"):
-        self.model, self.frozen, self.name = model, frozen, name
-        self.dim = model.retrieval.retriever.proj.weight.shape[0]
-
-    def embed(self, texts) -> np.ndarray:
-        return project_vectors(self.model, self.frozen.embed(texts))
 
 
 register_embedder("run", RunEmbedder.open)

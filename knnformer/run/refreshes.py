@@ -70,7 +70,7 @@ def open_run_retriever(model, store: Datastore, run_dir: str | Path, record: dic
     ``open_retriever``)."""
     from knnformer.retrieval.index import build_dense_index
     from knnformer.retrieval.live import Retriever
-    from knnformer.run.embedder import LearnedEmbedder, ProjectedEmbedder, reads_embedder
+    from knnformer.run.vectors import LearnedEmbedder, ProjectedEmbedder, reads_embedder
 
     refresh = record.get("refresh") or {}
     if not refresh.get("id"):

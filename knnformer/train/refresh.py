@@ -43,8 +43,8 @@ from knnformer.retrieval.hops import HOP2_FILE, HOP2_SCORES_FILE
 from knnformer.retrieval.index import choose_index_kind
 from knnformer.retrieval.neighbours import NEIGHBOURS_FILE, SCORES_FILE, Neighbours, Progress, _no_progress
 from knnformer.retrieval.search import DenseNeighbours, dense_neighbours
-from knnformer.run.embedder import embed_all_chunks, project_vectors
 from knnformer.run.refreshes import VECTORS_FILE, load_refresh, refresh_folder
+from knnformer.run.vectors import embed_all_chunks, project_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
     if hops == 2:
         from knnformer.retrieval.hops import second_hop, second_hop_tokens
         from knnformer.retrieval.index import exact_search_excluding
-        from knnformer.run.embedder import embed_token_rows
+        from knnformer.run.vectors import embed_token_rows
 
         if 2 * layout.chunk_size > model.config.context:
             raise ValueError(f"retrieval.hops=2 with a learned retriever embeds two chunks ({2 * layout.chunk_size} "

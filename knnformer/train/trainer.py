@@ -32,8 +32,8 @@ from knnformer.run.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from knnformer.run.embedder import frozen_vectors
 from knnformer.run.refreshes import changed_share, load_refresh, prune_refreshes, refresh_folder
+from knnformer.run.vectors import frozen_vectors
 from knnformer.runtime import autocast
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
 from knnformer.train.refresh import BackgroundRefresh, FinishedRefresh, refresh_due, refresh_neighbours
