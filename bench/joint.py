@@ -20,9 +20,9 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 VARIANTS = {
     "dense": ["retrieval.enabled=false"],
     "frozen bytes-hash": ["retrieval.enabled=true"],
-    "learned + refresh": ["retrieval.enabled=true", "retrieval.retriever=learned", "retrieval.refresh={refresh}"],
-    "learned + refresh + past": ["retrieval.enabled=true", "retrieval.retriever=learned",
-                                 "retrieval.refresh={refresh}", "retrieval.sources=train,past"],
+    "learned + refresh": ["retrieval.enabled=true", "retrieval.retriever.kind=learned", "retrieval.refresh.schedule={refresh}"],
+    "learned + refresh + past": ["retrieval.enabled=true", "retrieval.retriever.kind=learned",
+                                 "retrieval.refresh.schedule={refresh}", "retrieval.search.sources=train,past"],
 }
 
 

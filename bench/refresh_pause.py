@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--preset", default="shakespeare-char")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--refresh", default="200-:200")
-    p.add_argument("--input", choices=["tokens", "embedder"], default="embedder", help="retrieval.retriever_input")
+    p.add_argument("--input", choices=["tokens", "embedder"], default="embedder", help="retrieval.retriever.input")
     p.add_argument("--lag", type=int, default=-1, help="the background mode's refresh_lag (-1: half the interval)")
     p.add_argument("--background-only", action="store_true", help="skip the in-line run (added to an earlier report)")
     p.add_argument("--work", default="/tmp/refresh-pause")
@@ -52,8 +52,8 @@ def main() -> None:
         run = Path(args.work) / mode.replace(" ", "-")
         shutil.rmtree(run, ignore_errors=True)
         config = load_config(args.preset, [
-            "retrieval.enabled=true", "retrieval.retriever=learned", f"retrieval.retriever_input={args.input}",
-            f"retrieval.refresh={args.refresh}", f"retrieval.refresh_lag={lag}", f"train.steps={args.steps}",
+            "retrieval.enabled=true", "retrieval.retriever.kind=learned", f"retrieval.retriever.input={args.input}",
+            f"retrieval.refresh.schedule={args.refresh}", f"retrieval.refresh.lag={lag}", f"train.steps={args.steps}",
             "train.eval_interval=0", f"train.checkpoint_interval={args.steps}", "train.threads=1"])
         config.model.vocab_size = store.tokenizer.vocab_size
         t0 = time.perf_counter()

@@ -27,8 +27,8 @@ VARIANTS = {
     "K=2, encoder D/4": ["retrieval.encoder_dim={quarter}"],
 }
 LEARNED = {  # issue 4: the learned retriever (decoder block 0 + projection on every query and neighbour chunk)
-    "learned retriever (layer 0)": ["retrieval.retriever=learned"],
-    "learned retriever (embedder input)": ["retrieval.retriever=learned", "retrieval.retriever_input=embedder"],
+    "learned retriever (layer 0)": ["retrieval.retriever.kind=learned"],
+    "learned retriever (embedder input)": ["retrieval.retriever.kind=learned", "retrieval.retriever.input=embedder"],
 }
 
 

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_corpus
-from knnformer.run.checkpoint import latest_checkpoint
+
 from knnformer.cli import main
+from knnformer.run.checkpoint import latest_checkpoint
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -6,9 +6,16 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import SHAKESPEARE, make_corpus, make_datastore
-from knnformer.data.corpus import Document, apply_split_file, assign_splits, hash_fraction, read_documents, read_split_file
+
+from knnformer.data.corpus import (
+    Document,
+    apply_split_file,
+    assign_splits,
+    hash_fraction,
+    read_documents,
+    read_split_file,
+)
 from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
 from knnformer.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer, tokenizer_from_json
 

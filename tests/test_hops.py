@@ -7,17 +7,17 @@ import json
 
 import numpy as np
 import pytest
+from test_refresh import C, learned_config, line_store
 
 from knnformer.data.chunks import chunk_texts
-from knnformer.retrieval.embedders import make_embedder
 from knnformer.eval.evaluate import evaluate_run
+from knnformer.retrieval.build import index_datastore
+from knnformer.retrieval.embedders import make_embedder
 from knnformer.retrieval.hops import merge_hops, second_hop_texts, second_hop_tokens
 from knnformer.retrieval.index import exact_search
-from knnformer.retrieval.build import index_datastore
 from knnformer.retrieval.neighbours import load_neighbours
 from knnformer.run.refreshes import load_refresh
 from knnformer.train.trainer import train
-from test_refresh import C, learned_config, line_store
 
 WINDOW = 128
 
@@ -99,15 +99,15 @@ def test_second_hop_tokens_are_packed(hop_store):
 
 def test_a_two_hop_run_and_the_gain_of_the_second_hop(hop_store, tmp_path):
     config = learned_config("train.steps=2", "train.checkpoint_interval=2", "train.eval_interval=0")
-    config.retrieval.retriever = "frozen"
-    config.retrieval.hops = 2
+    config.retrieval.retriever.kind = "frozen"
+    config.retrieval.search.hops = 2
     train(tmp_path / "two", hop_store, config)
     result = evaluate_run(tmp_path / "two", "valid", gain_windows=0)
     hop = result["second_hop"]
     assert hop["trained_with_hops"] == 2 and "note" not in hop
     assert hop["bits_per_byte_hop2"] == result["bits_per_byte"]
     assert hop["gain"] == pytest.approx(hop["bits_per_byte_hop1"] - hop["bits_per_byte_hop2"])
-    config.retrieval.hops = 1
+    config.retrieval.search.hops = 1
     train(tmp_path / "one", hop_store, config)
     hop = evaluate_run(tmp_path / "one", "valid", gain_windows=0)["second_hop"]
     assert hop["trained_with_hops"] == 1 and "evaluation only" in hop["note"]

@@ -9,13 +9,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import make_datastore
 
+from knnformer.eval.knnlm import (
+    KeySearch,
+    KnnStore,
+    build_ivf,
+    evaluate_knn_lm,
+    exact_l2,
+    interpolate,
+    knn_logprobs,
+    recall,
+    tune,
+)
 from knnformer.eval.scoring import score_tokens
 from knnformer.run.record import load_run, open_run_datastore
-from knnformer.eval.knnlm import KeySearch, KnnStore, build_ivf, evaluate_knn_lm, exact_l2, interpolate, knn_logprobs, recall, tune
 from knnformer.runtime import torch_threads
 from knnformer.train.trainer import train
-from conftest import make_datastore
 
 
 def train_tiny(run_dir, store, steps: int, *overrides: str, resume: bool = False):
@@ -210,9 +220,9 @@ def test_approximate_search_against_exact(tmp_path, kind):
 def test_a_retrieval_model_reads_its_neighbours_for_keys_and_queries(tmp_path):
     """With retrieval on, p_lm and the hidden states are the retrieval model's: at lambda 0 the loss is
     evaluate's retrieval-on loss of the same tokens, and it differs from the same run with retrieval off."""
+    from knnformer.retrieval.build import index_datastore
     from knnformer.run.batches import neighbour_inputs
     from knnformer.run.record import run_neighbours
-    from knnformer.retrieval.build import index_datastore
 
     store = make_datastore(tmp_path, "bytes", num_docs=8)
     index_datastore(store.path, embedder="bytes-hash", index="flat", k=2, chunk_size=16, exclude_window=48)
@@ -236,10 +246,10 @@ def test_a_retrieval_model_reads_its_neighbours_for_keys_and_queries(tmp_path):
 
 def test_a_learned_run_reads_its_refreshed_neighbours(tmp_path):
     """kNN-LM gives a learned run the neighbours of its last refresh, as evaluate does, not the datastore's."""
-    from knnformer.run.batches import neighbour_inputs
-    from knnformer.run.record import run_neighbours
     from knnformer.retrieval.build import index_datastore
     from knnformer.retrieval.neighbours import load_neighbours
+    from knnformer.run.batches import neighbour_inputs
+    from knnformer.run.record import run_neighbours
 
     store = make_datastore(tmp_path, "bytes", num_docs=8)
     index_datastore(store.path, embedder="bytes-hash", index="flat", k=2, chunk_size=16, exclude_window=48)

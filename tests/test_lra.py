@@ -7,7 +7,18 @@ import json
 import pytest
 import torch
 
-from knnformer.experiments.lra import Classifier, ListOpsConfig, evaluate, generate_listops, listops_to_folder_, lra_config, pad_batch, parse, read_split, train_listops
+from knnformer.experiments.lra import (
+    Classifier,
+    ListOpsConfig,
+    evaluate,
+    generate_listops,
+    listops_to_folder_,
+    lra_config,
+    pad_batch,
+    parse,
+    read_split,
+    train_listops,
+)
 
 
 @pytest.mark.parametrize("text, value", [

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from knnformer.config import ModelConfig, load_config, parse_override
-from knnformer.serve.generate import filter_logits, sample_ids
 from knnformer.model.layers import KVCache
 from knnformer.model.transformer import Transformer
+from knnformer.serve.generate import filter_logits, sample_ids
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

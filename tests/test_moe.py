@@ -10,15 +10,15 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import assert_cached_decoding_matches_full_forward
 
-from knnformer.run.checkpoint import latest_checkpoint
-from knnformer.config import ModelConfig, MoEConfig, RetrievalConfig, load_config
+from knnformer.config import ModelConfig, MoEConfig, load_config, retrieval_config
 from knnformer.eval.evaluate import evaluate_run, format_table
 from knnformer.model.layers import SwiGLU
-from knnformer.model.transformer import Transformer, flops_per_token
 from knnformer.model.moe import MoE, balance_loss, expert_choice, moe_layers, token_choice
+from knnformer.model.transformer import Transformer, flops_per_token
+from knnformer.run.checkpoint import latest_checkpoint
 from knnformer.train.trainer import train
-from test_model import assert_cached_decoding_matches_full_forward
 
 DIM = 32
 
@@ -204,7 +204,7 @@ def test_retrieval_with_moe_trains_and_stays_causal():
     torch.manual_seed(0)
     config = moe_config(num_experts=4, router="top2")
     config.num_layers, config.moe.every = 3, 2
-    rcfg = RetrievalConfig(enabled=True, chunk_size=8, num_neighbours=2)
+    rcfg = retrieval_config(enabled=True, chunk_size=8, num_neighbours=2)
     rcfg.validate(config)
     model = Transformer(config, rcfg)
     assert [i for i, _ in moe_layers(model)] == [1]
@@ -268,9 +268,9 @@ def test_resume_reproduces_moe_losses_and_evaluate_reports_expert_stats(tmp_path
 def test_retrieval_run_with_moe_trains_evaluates_and_generates(tmp_path):
     from test_retrieval_model import repeated_text_store
 
+    from knnformer.retrieval.live import open_retriever
     from knnformer.run.record import load_run
     from knnformer.serve.generate import RetrievingGenerator
-    from knnformer.retrieval.live import open_retriever
 
     store = repeated_text_store(tmp_path)
     config = load_config("tiny", ["model.context=64", "train.steps=6", "train.eval_interval=3",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from knnformer.config import ModelConfig, RetrievalConfig
+from knnformer.config import ModelConfig, retrieval_config
 from knnformer.eval.gain import neighbour_gain, pair_gains, served_positions
 from knnformer.model.transformer import Transformer
 
@@ -19,7 +19,7 @@ def last_layer_retro(**retrieval) -> Transformer:
     only reach the positions that slot serves."""
     torch.manual_seed(0)
     model_cfg = ModelConfig(vocab_size=256, context=T, num_layers=3, num_heads=2, dim=32)
-    rcfg = RetrievalConfig(enabled=True, chunk_size=C, num_neighbours=K, layers="2", **retrieval)
+    rcfg = retrieval_config(enabled=True, chunk_size=C, num_neighbours=K, layers="2", **retrieval)
     rcfg.validate(model_cfg)
     model = Transformer(model_cfg, rcfg).eval()
     with torch.no_grad():  # random init leaves CCA's effect tiny; make it visible

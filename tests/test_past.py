@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from knnformer.run.batches import neighbour_inputs
 from knnformer.config import load_config
 from knnformer.data.corpus import Document
 from knnformer.data.datastore import Datastore, write_datastore
+from knnformer.data.tokenizer import ByteTokenizer
 from knnformer.eval.evaluate import evaluate_run
 from knnformer.retrieval.build import index_datastore
 from knnformer.retrieval.neighbours import load_neighbours
-from knnformer.data.tokenizer import ByteTokenizer
+from knnformer.run.batches import neighbour_inputs
 from knnformer.train.trainer import train
 
 C, T = 16, 64

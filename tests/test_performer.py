@@ -9,10 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from knnformer.config import ModelConfig, PerformerConfig, load_config
-from knnformer.serve.generate import sample_ids
 from knnformer.model.layers import empty_cache
+from knnformer.model.performer import (
+    PerformerCache,
+    causal_linear_attention,
+    feature_logits,
+    linear_attention,
+    orthogonal_features,
+    query_features,
+)
 from knnformer.model.transformer import Transformer
-from knnformer.model.performer import PerformerCache, causal_linear_attention, feature_logits, linear_attention, orthogonal_features, query_features
+from knnformer.serve.generate import sample_ids
 
 
 def performer_model(seed: int = 0, chunk_size: int = 8, **overrides) -> Transformer:

@@ -11,20 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from knnformer.run.checkpoint import latest_checkpoint, list_checkpoints
-from knnformer.config import load_config
+from knnformer.config import load_config, parse_schedule, resolved_lag
 from knnformer.data.corpus import Document
 from knnformer.data.datastore import Datastore, write_datastore
+from knnformer.data.tokenizer import ByteTokenizer
 from knnformer.eval.evaluate import evaluate_run
-from knnformer.retrieval.index import exact_search
 from knnformer.model.transformer import Transformer
 from knnformer.retrieval.build import index_datastore
+from knnformer.retrieval.index import exact_search
 from knnformer.retrieval.neighbours import load_neighbours
-from knnformer.config import parse_schedule, resolved_lag
+from knnformer.run.checkpoint import latest_checkpoint, list_checkpoints
 from knnformer.run.refreshes import load_refresh
-from knnformer.train.refresh import BackgroundRefresh, refresh_due, refresh_neighbours
 from knnformer.run.vectors import embed_all_chunks
-from knnformer.data.tokenizer import ByteTokenizer
+from knnformer.train.refresh import BackgroundRefresh, refresh_due, refresh_neighbours
 from knnformer.train.trainer import train
 
 C = 16
@@ -58,7 +57,7 @@ def test_schedule_is_data():
                        ("0-10:0", "every > 0"), ("0-:5,10-:5", "overlaps"), ("0-20:5,10-30:5", "overlaps")]:
         with pytest.raises(ValueError, match=match):
             parse_schedule(bad)
-    with pytest.raises(ValueError, match="retriever=learned"):
+    with pytest.raises(ValueError, match="retriever.kind=learned"):
         load_config("tiny", ["retrieval.enabled=true", "retrieval.refresh=0-:10"])
     with pytest.raises(ValueError, match="retrieval.refresh"):
         load_config("tiny", ["retrieval.enabled=true", "retrieval.retriever=learned", "retrieval.refresh=0-:x"])
@@ -127,7 +126,7 @@ def test_a_refresh_searches_its_hnsw_index_as_wide_as_configured_and_records_it(
     assert index.index.hnsw.efSearch == 5
     index.search(q, 20)
     assert index.index.hnsw.efSearch == 20  # never narrower than k
-    with pytest.raises(ValueError, match="refresh_ef_search"):
+    with pytest.raises(ValueError, match="refresh.ef_search"):
         learned_config("retrieval.refresh_ef_search=0")
 
 
@@ -229,7 +228,7 @@ def test_refresh_lag_is_checked_against_the_schedule():
     with pytest.raises(ValueError, match="shorter than the shortest refresh interval"):
         load_config("tiny", ["retrieval.enabled=true", "retrieval.retriever=learned", "retrieval.refresh=0-:10",
                              "retrieval.refresh_lag=10"])
-    with pytest.raises(ValueError, match="refresh_lag must be >= 0"):
+    with pytest.raises(ValueError, match="refresh.lag must be >= 0"):
         resolved_lag(-2, parse_schedule("0-:10"))
 
 
@@ -292,16 +291,15 @@ def test_refreshes_no_checkpoint_reads_give_back_their_arrays_but_keep_their_man
 def test_a_retriever_reading_the_frozen_embedder_trains_refreshes_evaluates_and_generates(tmp_path, capsys):
     """retriever_input=embedder: before training, a refresh (identity projection) finds exactly the datastore's
     neighbours; after training with background refreshes, evaluate and generate read the run's own neighbours."""
-    from knnformer.run.batches import neighbour_inputs, relevance_vectors
     from knnformer.cli import main
+    from knnformer.run.batches import neighbour_inputs, relevance_vectors
 
     store = line_store(tmp_path)
     base = load_neighbours(store)
     config = learned_config("retrieval.retriever_input=embedder", "retrieval.refresh=0-:4", "train.steps=10",
                             "train.eval_interval=5", "train.checkpoint_interval=10", "retrieval.refresh_lag=2")
-    config.retrieval.retriever_input_dim = base.vectors.shape[1]
     torch.manual_seed(0)
-    untrained = Transformer(config.model, config.retrieval)
+    untrained = Transformer(config.model, config.retrieval, base.vectors.shape[1])
     same = refresh_neighbours(untrained, base, tmp_path / "fresh", 1, 0, index="flat", frozen=base.vectors)
     differ = np.asarray(same.ids) != np.asarray(base.ids)  # only among exact ties (this corpus repeats lines)
     assert np.allclose(np.asarray(same.scores, np.float32), np.asarray(base.scores, np.float32), atol=2e-3)
@@ -314,12 +312,11 @@ def test_a_retriever_reading_the_frozen_embedder_trains_refreshes_evaluates_and_
     assert torch.all(q[0, 0] == 0)  # before the split's first chunk: none
     assert torch.allclose(z[1, 1, 0], torch.from_numpy(np.asarray(base.vectors[ids[1, 1, 0]], np.float32)))
 
-    config.retrieval.retriever_input_dim = 0  # train fills it in
     train(tmp_path / "run", store, config)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["refresh"], r["refresh_started"]) for r in rows if "refresh" in r] == [(1, 4)]
     record = json.loads((latest_checkpoint(tmp_path / "run") / "config.json").read_text())
-    assert record["config"]["retrieval"]["retriever_input_dim"] == base.vectors.shape[1]
+    assert record["derived"]["retriever_input_dim"] == base.vectors.shape[1]
     result = evaluate_run(tmp_path / "run", "valid")
     assert result["neighbours"]["embedder"] == "learned" and result["neighbour_gain"]["pairs"] > 0
     capsys.readouterr()

@@ -15,13 +15,23 @@ import pytest
 from knnformer.data.chunks import chunk_layout, provenance
 from knnformer.data.corpus import Document, assign_splits
 from knnformer.data.datastore import Datastore, write_datastore
-from knnformer.retrieval.embedders import BytesHashEmbedder, make_embedder
-from knnformer.retrieval.index import FLAT_MAX, BM25Index, DenseIndex, SearchResult, build_dense_index, choose_index_kind, exact_search, exact_search_excluding, measure_recall
+from knnformer.data.tokenizer import BPETokenizer, ByteTokenizer
 from knnformer.retrieval.build import index_datastore
+from knnformer.retrieval.embedders import BytesHashEmbedder, make_embedder
+from knnformer.retrieval.index import (
+    FLAT_MAX,
+    BM25Index,
+    DenseIndex,
+    SearchResult,
+    build_dense_index,
+    choose_index_kind,
+    exact_search,
+    exact_search_excluding,
+    measure_recall,
+)
 from knnformer.retrieval.live import open_retriever
 from knnformer.retrieval.neighbours import load_neighbours
 from knnformer.retrieval.search import compute_neighbours
-from knnformer.data.tokenizer import BPETokenizer, ByteTokenizer
 
 C = 16
 

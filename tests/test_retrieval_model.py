@@ -5,15 +5,14 @@ from __future__ import annotations
 import random
 
 import numpy as np
-import pytest
 
 from knnformer.config import load_config
 from knnformer.data.corpus import Document
 from knnformer.data.datastore import Datastore, write_datastore
+from knnformer.data.tokenizer import ByteTokenizer
 from knnformer.eval.evaluate import evaluate_run
 from knnformer.eval.overlap import longest_shared_run
 from knnformer.retrieval.build import index_datastore
-from knnformer.data.tokenizer import ByteTokenizer
 from knnformer.train.trainer import train
 
 C = 16

@@ -4,7 +4,6 @@ and the bias keeps chunked cross-attention causal."""
 from __future__ import annotations
 
 import torch
-
 from test_retro import C, K, random_neighbours, retro_model  # noqa: F401  the same tiny RETRO model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from knnformer.config import ModelConfig, RetrievalConfig
+from knnformer.config import ModelConfig, retrieval_config
 from knnformer.model.transformer import Transformer
 
 C, K = 8, 2
@@ -13,9 +13,10 @@ C, K = 8, 2
 def retro_model(seed: int = 0, **retrieval) -> Transformer:
     torch.manual_seed(seed)
     model_cfg = ModelConfig(vocab_size=256, context=32, num_layers=3, num_heads=2, dim=32)
-    rcfg = RetrievalConfig(enabled=True, chunk_size=C, num_neighbours=K, **retrieval)
+    input_dim = retrieval.pop("retriever_input_dim", 0)  # derived from the datastore in a run
+    rcfg = retrieval_config(enabled=True, chunk_size=C, num_neighbours=K, **retrieval)
     rcfg.validate(model_cfg)
-    return Transformer(model_cfg, rcfg).eval()
+    return Transformer(model_cfg, rcfg, input_dim).eval()
 
 
 def random_neighbours(B: int, T: int, seed: int = 1):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from knnformer.run.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from knnformer.eval.scoring import score_tokens, window_plan
+from knnformer.run.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from knnformer.run.record import load_run
 from knnformer.train.optim import lr_at
 from knnformer.train.trainer import train
@@ -127,3 +127,25 @@ def test_bits_per_byte_equals_hand_computation(tiny_config):
     multi = token_bytes.copy()
     multi[tokens[1:]] = 2
     assert score_tokens(model, tokens, multi)["bytes"] == 18
+
+
+def test_flat_retrieval_keys_still_load_with_a_deprecation_note(caplog):
+    """The retrieval section was split into retriever / refresh / search; the old flat keys of presets, run
+    records and --set still load into their new homes, and --set names the new key."""
+    from knnformer.config import Derived, config_from_dict, load_config
+
+    with caplog.at_level("WARNING"):
+        config = load_config("tiny", ["retrieval.enabled=true", "retrieval.retriever=learned",
+                                      "retrieval.refresh=0-:10", "retrieval.refresh_lag=3", "retrieval.hops=2"])
+    assert (config.retrieval.retriever.kind, config.retrieval.refresh.schedule) == ("learned", "0-:10")
+    assert (config.retrieval.refresh.lag, config.retrieval.search.hops) == (3, 2)
+    assert "retrieval.refresh_lag is deprecated: use retrieval.refresh.lag" in caplog.text
+    old_record = {"config": {"model": {"vocab_size": 256}, "retrieval": {
+        "enabled": True, "chunk_size": 16, "embedder": "minilm", "retriever": "learned",
+        "retriever_input": "embedder", "retriever_input_dim": 384, "sources": "train,past"}}}
+    derived = Derived.of_record(old_record)
+    assert derived == Derived(chunk_size=16, embedder="minilm", retriever_input_dim=384)
+    rcfg = config_from_dict(old_record["config"]).retrieval
+    assert (rcfg.retriever.kind, rcfg.retriever.input, rcfg.search.sources) == ("learned", "embedder", "train,past")
+    with pytest.raises(ValueError, match="unknown config key 'retrieval.retriever.kinds'"):
+        load_config("tiny", ["retrieval.retriever.kinds=learned"])

@@ -90,7 +90,7 @@ def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="GiB the index may take; auto picks a smaller index kind above it (default 2)")
     s.add_argument("--hops", type=int, default=1, choices=[1, 2],
                    help="2: also the second hop's neighbours, searched with each chunk joined with its first "
-                        "neighbour (for retrieval.hops=2; see knnformer/hops.py)")
+                        "neighbour (for retrieval.search.hops=2; see knnformer/hops.py)")
     s.add_argument("--force", action="store_true", help="recompute the embeddings even if the manifest says they match")
     s.set_defaults(func=cmd_index)
     return s

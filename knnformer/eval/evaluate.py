@@ -18,7 +18,7 @@ from knnformer.eval.gain import DEFAULT_GAIN_WINDOWS, neighbour_gain
 from knnformer.eval.overlap import filtered_figures, split_overlaps
 from knnformer.eval.scoring import NeighbourFn, neighbour_fn_for, score_tokens
 from knnformer.model.moe import StatsMeter
-from knnformer.run.record import load_run, open_run_datastore, run_neighbours
+from knnformer.run.record import load_run, open_run_datastore, run_config, run_derived, run_neighbours, run_retrieval
 
 
 def summarize(total: dict[str, Any], split: str, stride: int, context: int) -> dict[str, Any]:
@@ -48,26 +48,26 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
 
     model, record, ckpt_path = load_run(run_dir)
     store = open_run_datastore(record, datastore)
-    rcfg = record["config"]["retrieval"]
+    rcfg = run_retrieval(record)
     if retrieval not in ("auto", "on", "off"):
         raise ValueError(f"--retrieval must be on or off, got {retrieval!r}")
-    if retrieval == "on" and not rcfg["enabled"]:
+    if retrieval == "on" and not rcfg.enabled:
         raise ValueError(f"{run_dir} was trained without retrieval; train with --set retrieval.enabled=true, or "
                          f"evaluate with --retrieval off")
-    use_retrieval = rcfg["enabled"] and retrieval != "off"
+    use_retrieval = rcfg.enabled and retrieval != "off"
     context = model.config.context
     tokens = store.require_split(split, 2)
     stride = stride or context
     neighbours = run_neighbours(record, store, required=use_retrieval, run_dir=run_dir)
-    k = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else min(2, neighbours.k if neighbours else 2)
-    continuation = rcfg["continuation"]
-    past = rcfg["enabled"] and "past" in rcfg.get("sources", "train")
+    k = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else min(2, neighbours.k if neighbours else 2)
+    continuation = rcfg.continuation
+    past = rcfg.enabled and "past" in rcfg.search.sources
     if use_retrieval and stride % neighbours.chunk_size:
         raise ValueError(f"--stride must be a multiple of the chunk size {neighbours.chunk_size} with retrieval on")
-    dtype = record["config"]["train"]["dtype"]
+    dtype = run_config(record).train.dtype
     token_bytes = store.tokenizer.token_bytes
 
-    frozen = frozen_vectors(store, rcfg) if use_retrieval else None
+    frozen = frozen_vectors(store, rcfg, run_derived(record).retriever_input_dim) if use_retrieval else None
 
     def neighbour_fn(chosen) -> NeighbourFn:
         return neighbour_fn_for(chosen, split, k, continuation, past, frozen)
@@ -97,7 +97,7 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
                                        if key in figures}
     meter.close()
     if use_retrieval:  # the gain of the second hop: the same run scored with either hop's neighbours
-        hops = rcfg.get("hops", 1)
+        hops = rcfg.search.hops
         try:
             other = run_neighbours(record, store, True, run_dir, hops=3 - hops)
         except ValueError:

@@ -50,7 +50,7 @@ from knnformer.eval.scoring import NeighbourFn, neighbour_fn_for, window_batches
 from knnformer.io import file_sha256
 from knnformer.model.transformer import Transformer
 from knnformer.retrieval.index import faiss_threads
-from knnformer.run.record import load_run, open_run_datastore, run_neighbours
+from knnformer.run.record import load_run, open_run_datastore, run_config, run_derived, run_neighbours, run_retrieval
 from knnformer.runtime import autocast, torch_threads
 
 logger = logging.getLogger(__name__)
@@ -529,26 +529,26 @@ def figures(nll: float, num_tokens: int, num_bytes: int) -> dict[str, float]:
 def _retrieval_inputs(record: dict, store: Datastore, retrieval: str, run_dir: str | Path | None = None):
     """For a retrieval run with retrieval on: a function ``split -> NeighbourFn`` giving the model the
     neighbours ``evaluate`` gives it (for a learned retriever, those of the run's last refresh in ``run_dir``;
-    with ``retrieval.sources=train,past``, merged with the document's past), and what identifies them; for a
+    with ``retrieval.search.sources=train,past``, merged with the document's past), and what identifies them; for a
     plain LM (or retrieval off): None, None."""
     from knnformer.run.vectors import frozen_vectors
 
     if retrieval not in ("auto", "on", "off"):
         raise ValueError(f"--retrieval must be on or off, got {retrieval!r}")
-    rcfg = record["config"]["retrieval"]
-    if retrieval == "on" and not rcfg["enabled"]:
+    rcfg = run_retrieval(record)
+    if retrieval == "on" and not rcfg.enabled:
         raise ValueError("this run was trained without retrieval; evaluate it with --retrieval off")
-    if not rcfg["enabled"] or retrieval == "off":
+    if not rcfg.enabled or retrieval == "off":
         return None, None
     neighbours = run_neighbours(record, store, required=True, run_dir=run_dir)
-    k, continuation = rcfg["eval_neighbours"] or rcfg["num_neighbours"], rcfg["continuation"]
-    past = "past" in rcfg.get("sources", "train")
+    k, continuation = rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation
+    past = "past" in rcfg.search.sources
     identity = {"embedder": neighbours.info["embedder_fingerprint"], "chunk_size": neighbours.chunk_size, "k": k,
                 "continuation": continuation, "neighbours_sha256": file_sha256(neighbours.ids_path)}
     if past:  # stores built before ``past`` existed keep their identity
         identity["past"] = True
 
-    frozen = frozen_vectors(store, rcfg)
+    frozen = frozen_vectors(store, rcfg, run_derived(record).retriever_input_dim)
 
     def for_split(split: str) -> NeighbourFn:
         return neighbour_fn_for(neighbours, split, k, continuation, past, frozen)
@@ -582,7 +582,7 @@ def evaluate_knn_lm(run_dir: str | Path, split: str = "valid", datastore: str | 
         raise ValueError(f"unknown kNN-LM index {index!r}; pick one of {', '.join(INDEX_KINDS)}")
     model, record, ckpt_path = load_run(run_dir)
     if threads is None:
-        threads = int(record["config"]["train"].get("threads", 0))
+        threads = run_config(record).train.threads
     with torch_threads(threads):
         return _evaluate_knn_lm(run_dir, model, record, ckpt_path, split, datastore, batch_size, progress_factory,
                                 retrieval, k_max, index, nprobe, memory_budget, lam, k, temperature, force, t_start)
@@ -592,7 +592,7 @@ def _evaluate_knn_lm(run_dir, model, record, ckpt_path, split, datastore, batch_
                      k_max, index, nprobe, memory_budget, lam, k, temperature, force, t_start) -> dict[str, Any]:
     store = open_run_datastore(record, datastore)
     nb_for, nb_identity = _retrieval_inputs(record, store, retrieval, run_dir)
-    dtype = record["config"]["train"]["dtype"]
+    dtype = run_config(record).train.dtype
     context = model.config.context
     token_bytes = np.asarray(store.tokenizer.token_bytes)
 
@@ -678,9 +678,9 @@ def _evaluate_knn_lm(run_dir, model, record, ckpt_path, split, datastore, batch_
     # buckets a plain LM), so a kNN-LM gain can be read beside the part of it that is copying
     chunk_neighbours = run_neighbours(record, store, required=False, run_dir=run_dir)
     if chunk_neighbours is not None:
-        rcfg = record["config"]["retrieval"]
-        kk = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else min(2, chunk_neighbours.k)
-        overlaps = split_overlaps(chunk_neighbours, store.require_split(split, 2), split, kk, rcfg["continuation"])
+        rcfg = run_retrieval(record)
+        kk = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else min(2, chunk_neighbours.k)
+        overlaps = split_overlaps(chunk_neighbours, store.require_split(split, 2), split, kk, rcfg.continuation)
         first = split_info["scored_targets"][0]
         with_knn["filtered"] = filtered_figures(-logp.numpy(), y_score, token_bytes, overlaps,
                                                 chunk_neighbours.chunk_size, first)

@@ -2,7 +2,7 @@
 
 Shape legend:
     B  batch        S  neighbour slots (see retro.py)        K  neighbours per slot      C  chunk size
-    D  decoder width      Dr  retriever width (``retrieval.retriever_dim``, default D)    N  chunks embedded at once
+    D  decoder width      Dr  retriever width (``retrieval.retriever.dim``, default D)    N  chunks embedded at once
 
 The representation. A chunk's vector is ``normalize(W @ mean(h))``, h the states after decoder blocks
 0 .. ``retriever_layer`` run on the chunk's own tokens alone (positions 0 .. C - 1, no window around it). Run
@@ -18,7 +18,7 @@ Slot 0's query chunk lies before the window, so it has no vector here: its bias 
 Causality: slot s >= 1's query is window chunk s - 1, whose last token sits at s*C - 1, the first position
 slot s serves.
 
-``retrieval.retriever_input=embedder``: the vectors are ``normalize(W @ e)``, e the datastore's frozen embedder
+``retrieval.retriever.input=embedder``: the vectors are ``normalize(W @ e)``, e the datastore's frozen embedder
 vector of the chunk (minilm's, say) and W (De, De) starting as the identity, so the retriever starts exactly at
 the frozen embedder's neighbours. The caller hands the model e of every slot's query chunk (slot 0's too: it is
 a datastore chunk before the window) and of every neighbour (``retrieval_vectors``, see batches.py); a refresh
@@ -37,18 +37,18 @@ from knnformer.config import ModelConfig, RetrievalConfig
 class LearnedRetriever(nn.Module):
     """The projection W and the scalar beta; the decoder blocks it reads belong to the model."""
 
-    def __init__(self, model: ModelConfig, config: RetrievalConfig):
+    def __init__(self, model: ModelConfig, config: RetrievalConfig, input_dim: int = 0):
         super().__init__()
-        self.layer = config.retriever_layer
+        self.layer = config.retriever.layer
         self.chunk_size = config.chunk_size
-        self.reads_embedder = config.retriever_input == "embedder"
-        if self.reads_embedder and config.retriever_input_dim <= 0:
-            raise ValueError("retrieval.retriever_input=embedder needs retrieval.retriever_input_dim, the frozen "
+        self.reads_embedder = config.retriever.input == "embedder"
+        if self.reads_embedder and input_dim <= 0:
+            raise ValueError("retrieval.retriever.input=embedder needs the frozen "
                              "embedder's width (train fills it in from the datastore)")
-        width = config.retriever_input_dim if self.reads_embedder else model.dim
-        dim = config.retriever_dim or width
+        width = input_dim if self.reads_embedder else model.dim
+        dim = config.retriever.dim or width
         self.proj = nn.Linear(width, dim, bias=False)
-        self.beta = nn.Parameter(torch.tensor(float(config.relevance_beta)))
+        self.beta = nn.Parameter(torch.tensor(float(config.retriever.relevance_beta)))
         self.identity_init = dim == width
 
     def reset_parameters(self) -> None:

@@ -109,7 +109,7 @@ class EncoderBlock(nn.Module):
 class Retrieval(nn.Module):
     """The neighbour encoder and the chunked cross-attention layers of a RETRO decoder."""
 
-    def __init__(self, model: ModelConfig, config: RetrievalConfig):
+    def __init__(self, model: ModelConfig, config: RetrievalConfig, retriever_input_dim: int = 0):
         super().__init__()
         self.chunk_size = config.chunk_size
         self.layers = config.resolved_layers(model.num_layers)
@@ -134,10 +134,10 @@ class Retrieval(nn.Module):
         self.register_buffer("cca_cos", cos, persistent=False)
         self.register_buffer("cca_sin", sin, persistent=False)
         self.retriever = None
-        if config.retriever == "learned":
+        if config.retriever.kind == "learned":
             from knnformer.model.retriever import LearnedRetriever
 
-            self.retriever = LearnedRetriever(model, config)
+            self.retriever = LearnedRetriever(model, config, retriever_input_dim)
 
     def encode(self, neighbour_embeddings: torch.Tensor, mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """neighbour_embeddings (B, S, K, R, D), mask (B, S, K, R), decoder states h (B, T, D)

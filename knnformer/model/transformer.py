@@ -22,7 +22,9 @@ from knnformer.model.performer import PerformerCache
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, retrieval: RetrievalConfig | None = None):
+    def __init__(self, config: ModelConfig, retrieval: RetrievalConfig | None = None, retriever_input_dim: int = 0):
+        """``retriever_input_dim``: the width of the frozen embedder vectors a learned retriever reads
+        (``retrieval.retriever.input=embedder``), which the trainer derives from the datastore."""
         super().__init__()
         if config.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (the CLI takes it from the datastore's tokenizer)")
@@ -38,7 +40,7 @@ class Transformer(nn.Module):
         if retrieval is not None and retrieval.enabled:
             from knnformer.model.retro import Retrieval
 
-            self.retrieval = Retrieval(config, retrieval)
+            self.retrieval = Retrieval(config, retrieval, retriever_input_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

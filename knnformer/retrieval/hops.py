@@ -1,4 +1,4 @@
-"""Multi-hop retrieval (``retrieval.hops=2``, as in multi-hop dense retrieval): a second search whose query is
+"""Multi-hop retrieval (``retrieval.search.hops=2``, as in multi-hop dense retrieval): a second search whose query is
 the query chunk joined with its first-hop top neighbour.
 
 The second hop's query. A frozen embedder embeds the text of the query chunk followed by the text of its first

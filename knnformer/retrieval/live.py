@@ -36,7 +36,7 @@ class Retriever:
     index: DenseIndex | BM25Index
     embedder: object
     hops: int = 1
-    """1, or 2 for a run trained with ``retrieval.hops=2`` (see ``neighbours``)."""
+    """1, or 2 for a run trained with ``retrieval.search.hops=2`` (see ``neighbours``)."""
 
     def search(self, texts: list[str], k: int) -> SearchResult:
         """The ``k`` nearest train chunks of each text."""

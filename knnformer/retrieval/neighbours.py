@@ -50,7 +50,7 @@ DEFAULT_EMBEDDER = "bm25"
 DEFAULT_EXCLUDE_WINDOW = 2048
 NEIGHBOURS_FILE, SCORES_FILE = "neighbours.npy", "neighbour_scores.npy"
 MAX_PAST_CHUNKS = 4096
-"""``retrieval.sources=past`` searches at most this many of a document's chunks before the window (the latest)."""
+"""``retrieval.search.sources=past`` searches at most this many of a document's chunks before the window (the latest)."""
 DENSE_INDEX_FILE, BM25_INDEX_DIR = "index.faiss", "index.bm25"
 
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -151,7 +151,7 @@ class Neighbours:
         the model has already read, not leakage."""
         k = self.k if k is None else k
         if self.vectors is None:
-            raise ValueError(f"retrieval.sources=train,past searches a document's past by its chunks' vectors, and "
+            raise ValueError(f"retrieval.search.sources=train,past searches a document's past by its chunks' vectors, and "
                              f"the neighbours of {self.store.path} have none (bm25); index with a dense embedder "
                              f"(`knnformer index {self.store.path} --embedder minilm`) or use a learned retriever")
         train = self.for_chunks(chunk_ids, k, pad_id)
@@ -219,7 +219,7 @@ def load_neighbours(datastore: str | Path | Datastore, expected_embedder: str | 
     if hops == 2:
         hop2 = read_retrieval_manifest(store.path).get("neighbours_hop2")
         if hop2 is None:
-            raise ValueError(f"{store.path} has no second-hop neighbours (retrieval.hops=2); build them with "
+            raise ValueError(f"{store.path} has no second-hop neighbours (retrieval.search.hops=2); build them with "
                              f"{fix} --embedder {info['embedder']} --hops 2`")
         info = {**info, **hop2}
     if info["tokenizer_fingerprint"] != store.manifest["tokenizer"]["fingerprint"]:

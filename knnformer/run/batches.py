@@ -63,7 +63,7 @@ def neighbour_inputs(neighbours: Neighbours, split: str, starts: np.ndarray, len
 
 def relevance_vectors(vectors: np.ndarray, neighbours: Neighbours, split: str, starts: np.ndarray, length: int,
                       neighbour_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a learned retriever reading the frozen embedder (``retrieval.retriever_input=embedder``): the rows of
+    """For a learned retriever reading the frozen embedder (``retrieval.retriever.input=embedder``): the rows of
     ``vectors`` (the datastore's embeddings, every chunk) of each slot's query chunk (B, S, De) and of each
     neighbour ``neighbour_ids`` (B, S, K) -> (B, S, K, De), float32, zeros for -1 (no chunk). Windows as in
     ``neighbour_inputs``; slot s's query is the chunk whose neighbours it reads."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-from knnformer.config import config_from_dict
+from knnformer.config import Config, Derived, RetrievalConfig, config_from_dict
 from knnformer.data.datastore import Datastore
 from knnformer.model.transformer import Transformer
 from knnformer.run.checkpoint import latest_checkpoint, load_checkpoint
@@ -18,14 +19,32 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Transformer, dic
         raise ValueError(f"run folder {run_dir} does not exist")
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     record = ckpt["config"]
+    derived = Derived.of_record(record)
     config = config_from_dict(record["config"])
-    record["config"] = config.to_dict()  # with every default, for runs saved before a section existed
-    model = Transformer(config.model, config.retrieval)
+    # with every default and the current sections, for runs saved before a section existed
+    record["config"], record["derived"] = config.to_dict(), dataclasses.asdict(derived)
+    model = Transformer(config.model, derived.apply(config.retrieval), derived.retriever_input_dim)
     try:
         model.load_state_dict(ckpt["weights"])
     except RuntimeError as e:
         raise ValueError(f"checkpoint {ckpt['path']} does not fit its own config ({str(e)[:200]})") from None
     return model.to(device).eval(), record, ckpt["path"]
+
+
+def run_config(record: dict[str, Any]) -> Config:
+    """The config a run record holds, as the dataclass (older records' flat retrieval keys read too)."""
+    return config_from_dict(record["config"])
+
+
+def run_derived(record: dict[str, Any]) -> Derived:
+    """What training derived from the datastore (chunk size, embedder, the frozen vectors' width)."""
+    return Derived.of_record(record)
+
+
+def run_retrieval(record: dict[str, Any]) -> RetrievalConfig:
+    """The run's retrieval config with what training derived (chunk size, embedder) filled in: what its model
+    was built with and its neighbours are read by."""
+    return run_derived(record).apply(run_config(record).retrieval)
 
 
 def open_run_datastore(record: dict[str, Any], override: str | None = None) -> Datastore:
@@ -42,21 +61,21 @@ def open_run_datastore(record: dict[str, Any], override: str | None = None) -> D
 def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run_dir: str | Path | None = None,
                    hops: int | None = None):
     """The datastore's neighbours as the run was trained with them (for a learned retriever, those of the run's
-    last refresh, in ``run_dir``; after ``hops`` hops, default the run's ``retrieval.hops``); for a plain LM,
+    last refresh, in ``run_dir``; after ``hops`` hops, default the run's ``retrieval.search.hops``); for a plain LM,
     whatever neighbours the datastore has (for the overlap-filtered figures), or None."""
     from knnformer.retrieval.neighbours import load_neighbours
 
-    rcfg = record["config"]["retrieval"]
-    hops = hops or rcfg.get("hops", 1)
+    rcfg = run_retrieval(record)
+    hops = hops or rcfg.search.hops
     refresh = record.get("refresh") or {}
-    if rcfg["enabled"] and refresh.get("id") and run_dir is not None:
+    if rcfg.enabled and refresh.get("id") and run_dir is not None:
         from knnformer.data.chunks import chunk_layout
         from knnformer.run.refreshes import load_refresh
 
-        return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]), hops)
-    if rcfg["enabled"]:
+        return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg.chunk_size), hops)
+    if rcfg.enabled:
         try:
-            return load_neighbours(store, rcfg["embedder"] or None, rcfg["chunk_size"], hops=hops)
+            return load_neighbours(store, rcfg.search.embedder or None, rcfg.chunk_size, hops=hops)
         except ValueError as e:
             if required:
                 raise ValueError(f"this run was trained with retrieval and needs its datastore's neighbours: {e}; "

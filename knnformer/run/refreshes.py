@@ -39,8 +39,8 @@ def load_refresh(folder: str | Path, store: Datastore, layout: ChunkLayout, hops
         raise ValueError(f"the refreshed neighbours in {folder} are unreadable ({e}); resume from a checkpoint "
                          f"before that refresh, or retrain") from None
     if hops == 2 and info.get("hops", 1) < 2:
-        raise ValueError(f"the refresh in {folder} computed one hop only, not the second (retrieval.hops=2); "
-                         f"evaluate with the run's own config, or retrain with retrieval.hops=2")
+        raise ValueError(f"the refresh in {folder} computed one hop only, not the second (retrieval.search.hops=2); "
+                         f"evaluate with the run's own config, or retrain with retrieval.search.hops=2")
     if info["tokenizer_fingerprint"] != store.manifest["tokenizer"]["fingerprint"] or \
             ids.shape != (layout.num_chunks, info["k"]) or info["chunk_size"] != layout.chunk_size:
         raise ValueError(f"the refreshed neighbours in {folder} do not fit datastore {store.path}; evaluate the "
@@ -75,16 +75,18 @@ def open_run_retriever(model, store: Datastore, run_dir: str | Path, record: dic
     refresh = record.get("refresh") or {}
     if not refresh.get("id"):
         return None
-    rcfg = record["config"]["retrieval"]
     from knnformer.data.chunks import chunk_layout
+    from knnformer.run.record import run_retrieval
 
-    nb = load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]))
+    rcfg = run_retrieval(record)
+
+    nb = load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg.chunk_size))
     index = build_dense_index(nb.vectors[: nb.layout.num_train], "flat")
     name = f"learned:refresh-{refresh['id']}"
     if reads_embedder(rcfg):
         from knnformer.retrieval.embedders import make_embedder
 
-        return Retriever(store, nb.layout, index, ProjectedEmbedder(model, make_embedder(rcfg["embedder"]), name))
+        return Retriever(store, nb.layout, index, ProjectedEmbedder(model, make_embedder(rcfg.search.embedder), name))
     return Retriever(store, nb.layout, index, LearnedEmbedder(model, store.tokenizer, name))
 
 

@@ -1,5 +1,5 @@
 """The learned retriever's vectors outside the forward pass: of token rows and of every chunk (for refreshes), of
-the frozen embedder's stored vectors through the learned projection (``retriever_input=embedder``), and the run's
+the frozen embedder's stored vectors through the learned projection (``retrieval.retriever.input=embedder``), and the run's
 learned retriever as an embedder of text for live retrieval. See ``model/retriever.py`` for the retriever."""
 
 from __future__ import annotations
@@ -10,34 +10,30 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from knnformer.config import RetrievalConfig
+
 logger = logging.getLogger(__name__)
 
 
-def _setting(rcfg, key: str, default=None):
-    """A retrieval setting from the config dataclass or a run record's dict (older records lack newer keys)."""
-    return rcfg.get(key, default) if isinstance(rcfg, dict) else getattr(rcfg, key, default)
+def reads_embedder(rcfg: RetrievalConfig) -> bool:
+    """Whether a run's retrieval config has a learned retriever reading the frozen embedder's vectors."""
+    return rcfg.retriever.kind == "learned" and rcfg.retriever.input == "embedder"
 
 
-def reads_embedder(rcfg) -> bool:
-    """Whether a run's retrieval config (the dataclass or a run record's dict) has a learned retriever reading
-    the frozen embedder's vectors."""
-    return _setting(rcfg, "retriever") == "learned" and _setting(rcfg, "retriever_input", "tokens") == "embedder"
-
-
-def frozen_vectors(store, rcfg) -> np.ndarray | None:
+def frozen_vectors(store, rcfg: RetrievalConfig, width: int = 0) -> np.ndarray | None:
     """For a learned retriever reading the frozen embedder: the datastore's vectors of every chunk (memory-mapped;
-    the embedder and chunk size the run's neighbours came from, and the width it was built with), else None."""
+    the embedder and chunk size the run's neighbours came from), refused unless ``width`` wide (0: any), else
+    None."""
     if not reads_embedder(rcfg):
         return None
     from knnformer.retrieval.neighbours import load_neighbours
 
-    base = load_neighbours(store, _setting(rcfg, "embedder") or None, _setting(rcfg, "chunk_size") or None)
+    base = load_neighbours(store, rcfg.search.embedder or None, rcfg.chunk_size or None)
     if base.vectors is None:
-        raise ValueError(f"retrieval.retriever_input=embedder reads the frozen embedder's vectors, but "
+        raise ValueError(f"retrieval.retriever.input=embedder reads the frozen embedder's vectors, but "
                          f"{store.path}'s neighbours ({base.info['embedder']}) have none stored: bm25 is not an "
                          f"embedding; index with a dense embedder (`knnformer index {store.path} --embedder minilm`)"
-                         f", or use retriever_input=tokens")
-    width = _setting(rcfg, "retriever_input_dim") or 0
+                         f", or use retriever.input=tokens")
     if width and base.vectors.shape[1] != width:
         raise ValueError(f"the run's retriever reads {width}-wide embedder vectors, but {store.path} holds "
                          f"{base.vectors.shape[1]}-wide ones; evaluate on the datastore it was trained on")

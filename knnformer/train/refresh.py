@@ -12,7 +12,7 @@ id, its step, the index's recall and its timings). The folder is written under a
 place; the run record (``config.json`` beside the weights of every later checkpoint) then names it, so a resumed
 run and ``evaluate`` read the same neighbours. Refresh 0 is the datastore's own neighbours (the frozen embedder).
 
-Where it runs (``retrieval.refresh_lag``). With a lag of L > 0 steps, a refresh due before step s embeds from a
+Where it runs (``retrieval.refresh.lag``). With a lag of L > 0 steps, a refresh due before step s embeds from a
 copy of the weights at s on a background thread (``BackgroundRefresh``; torch, faiss and numpy release the GIL in
 their kernels, so it runs on a second core) while training goes on with the previous neighbours; before step
 s + L the trainer takes its result, waiting only if it is not done, and swaps it in. The swap step is fixed, so
@@ -90,7 +90,7 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
         from knnformer.run.vectors import embed_token_rows
 
         if 2 * layout.chunk_size > model.config.context:
-            raise ValueError(f"retrieval.hops=2 with a learned retriever embeds two chunks ({2 * layout.chunk_size} "
+            raise ValueError(f"retrieval.search.hops=2 with a learned retriever embeds two chunks ({2 * layout.chunk_size} "
                              f"tokens) at once, more than the context {model.config.context}; use hops=1")
         q = np.arange(layout.num_chunks)
         joined = embed_token_rows(model, *second_hop_tokens(store, layout, q, np.asarray(dense.ids)[:, 0]))
@@ -172,7 +172,9 @@ class BackgroundRefresh:
                  step: int, swap_step: int, **kwargs):
         from knnformer.model.transformer import Transformer
 
-        snapshot = Transformer(model.config, retrieval).to(next(model.parameters()).device)
+        retriever = model.retrieval.retriever
+        input_dim = retriever.proj.weight.shape[1] if retriever.reads_embedder else 0
+        snapshot = Transformer(model.config, retrieval, input_dim).to(next(model.parameters()).device)
         snapshot.load_state_dict(model.state_dict())
         snapshot.eval()
         self.refresh_id, self.step, self.swap_step = refresh_id, step, swap_step

@@ -6,6 +6,7 @@ each metrics line also holds ``aux_loss`` and, per MoE layer, the expert load an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from knnformer.config import Config, TrainConfig, parse_schedule, resolved_lag
+from knnformer.config import Config, Derived, TrainConfig, parse_schedule, resolved_lag
 from knnformer.data.datastore import Datastore
 from knnformer.io import atomic_write_text
 from knnformer.model.moe import StatsMeter
@@ -99,9 +100,10 @@ class TrainResult:
     valid: dict[str, float] = field(default_factory=dict)
 
 
-def run_record(config: Config, datastore: Datastore) -> dict[str, Any]:
-    """What a run saves beside its weights: the resolved config and the datastore it was trained on."""
-    return {"config": config.to_dict(),
+def run_record(config: Config, datastore: Datastore, derived: Derived = Derived()) -> dict[str, Any]:
+    """What a run saves beside its weights: its config, what training derived from the datastore, and the
+    datastore it was trained on."""
+    return {"config": config.to_dict(), "derived": dataclasses.asdict(derived),
             "datastore": {"path": str(Path(datastore.path).resolve()),
                           "corpus_sha256": datastore.manifest["corpus_sha256"],
                           "tokenizer_fingerprint": datastore.manifest["tokenizer"]["fingerprint"]}}
@@ -120,19 +122,18 @@ def resolve_retrieval(config: Config, datastore: Datastore):
     and embedder the run then records, so evaluation can refuse neighbours built otherwise."""
     rcfg = config.retrieval
     if not rcfg.enabled:
-        return None
+        return None, Derived()
     from knnformer.retrieval.neighbours import load_neighbours
 
-    neighbours = load_neighbours(datastore, rcfg.embedder or None, rcfg.chunk_size or None, config.model.context,
-                                 rcfg.hops)
-    rcfg.chunk_size = neighbours.chunk_size
-    rcfg.embedder = rcfg.embedder or neighbours.info["embedder"]
+    neighbours = load_neighbours(datastore, rcfg.search.embedder or None, rcfg.chunk_size or None, config.model.context,
+                                 rcfg.search.hops)
+    derived = Derived(chunk_size=neighbours.chunk_size, embedder=rcfg.search.embedder or neighbours.info["embedder"])
     k = max(rcfg.num_neighbours, rcfg.eval_neighbours)
     if k > neighbours.k:
         raise ValueError(f"retrieval wants {k} neighbours per chunk but {datastore.path} holds {neighbours.k}; "
                          f"rebuild with `knnformer index {datastore.path} --k {k} --force`")
-    config.validate()
-    return neighbours
+    derived.apply(rcfg).validate(config.model)
+    return neighbours, derived
 
 
 def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: bool = False,
@@ -144,12 +145,12 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train_data = datastore.require_split("train", mcfg.context + 2)
-    neighbours = resolve_retrieval(config, datastore)
-    rcfg = config.retrieval
+    neighbours, derived = resolve_retrieval(config, datastore)
+    rcfg = derived.apply(config.retrieval)  # the user's config with the neighbours' chunk size and embedder
     past = rcfg.enabled and "past" in rcfg.resolved_sources()
     frozen = frozen_vectors(datastore, rcfg) if rcfg.enabled else None  # a learned retriever reading the embedder
     if frozen is not None:
-        rcfg.retriever_input_dim = int(frozen.shape[1])
+        derived = dataclasses.replace(derived, retriever_input_dim=int(frozen.shape[1]))
     train_sampler = WindowSampler(train_data, mcfg.context, neighbours, "train", rcfg.num_neighbours,
                                   rcfg.continuation, past, frozen)
     valid_data = datastore.split_tokens("valid")
@@ -161,12 +162,12 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
         logger.warning("valid split has %d tokens, too few for a window of %d: periodic evaluation is off",
                        len(valid_data), mcfg.context + 1)
     token_bytes = torch.from_numpy(datastore.tokenizer.token_bytes)
-    learned = neighbours is not None and rcfg.retriever == "learned"
-    schedule = parse_schedule(rcfg.refresh) if learned else []
-    lag = resolved_lag(rcfg.refresh_lag, schedule) if learned else 0
+    learned = neighbours is not None and rcfg.retriever.kind == "learned"
+    schedule = parse_schedule(rcfg.refresh.schedule) if learned else []
+    lag = resolved_lag(rcfg.refresh.lag, schedule) if learned else 0
 
     def refresh_needed(step: int) -> bool:
-        return learned and ((step == 0 and rcfg.retriever_init == "scratch") or (step > 0 and refresh_due(step, schedule)))
+        return learned and ((step == 0 and rcfg.retriever.init == "scratch") or (step > 0 and refresh_due(step, schedule)))
 
     def use_neighbours(new) -> None:
         train_sampler.neighbours = new
@@ -174,10 +175,10 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
             valid_sampler.neighbours = new
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg, rcfg).to(device)
-    optimizer = make_optimizer(model, cfg, rcfg.retriever_lr_scale)
+    model = Transformer(mcfg, rcfg, derived.retriever_input_dim).to(device)
+    optimizer = make_optimizer(model, cfg, rcfg.retriever.lr_scale)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    record = run_record(config, datastore)
+    record = run_record(config, datastore, derived)
     if learned:
         record["refresh"] = {"id": 0, "step": 0, "folder": None}  # 0: the datastore's own neighbours
     pending = None  # a refresh started but not yet swapped in (refresh.BackgroundRefresh or FinishedRefresh)
@@ -193,11 +194,11 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
         if learned and ckpt["config"].get("refresh", {}).get("id"):  # the neighbours this checkpoint trained with
             record["refresh"] = ckpt["config"]["refresh"]
             neighbours = load_refresh(run_dir / record["refresh"]["folder"], datastore, neighbours.layout,
-                                      rcfg.hops)
+                                      rcfg.search.hops)
             use_neighbours(neighbours)
         if learned and ckpt["config"].get("refresh_pending"):  # started before the checkpoint, not yet swapped in
             p = record["refresh_pending"] = ckpt["config"]["refresh_pending"]
-            pending = FinishedRefresh(run_dir / p["folder"], datastore, neighbours.layout, rcfg.hops, p["id"],
+            pending = FinishedRefresh(run_dir / p["folder"], datastore, neighbours.layout, rcfg.search.hops, p["id"],
                                       p["step"], p["swap_step"])
         _truncate_metrics(metrics_path, start_step)
         logger.info("resumed from %s at step %d", ckpt["path"], start_step)
@@ -253,9 +254,9 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
             if refresh_needed(step) and (lag == 0 or step == 0 or step + lag < cfg.steps):
                 t_refresh = time.perf_counter()
                 refresh_id = record["refresh"]["id"] + 1
-                kwargs = dict(index=rcfg.refresh_index, recall_floor=rcfg.refresh_recall_floor, seed=cfg.seed,
-                              hops=rcfg.hops, ef_search=rcfg.refresh_ef_search, frozen=frozen,
-                              mode=rcfg.refresh_mode)
+                kwargs = dict(index=rcfg.refresh.index, recall_floor=rcfg.refresh.recall_floor, seed=cfg.seed,
+                              hops=rcfg.search.hops, ef_search=rcfg.refresh.ef_search, frozen=frozen,
+                              mode=rcfg.refresh.mode)
                 if lag and step > 0:  # in the background, swapped in before step + lag
                     pending = BackgroundRefresh(model, rcfg, neighbours, run_dir, refresh_id, step, step + lag,
                                                 **kwargs)
