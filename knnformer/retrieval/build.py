@@ -10,6 +10,7 @@ import numpy as np
 
 from knnformer.data.chunks import DEFAULT_CHUNK_SIZE, chunk_layout, chunk_texts, update_retrieval_manifest
 from knnformer.data.datastore import Datastore
+from knnformer.io import path_size
 from knnformer.retrieval.embedders import chunks_to_embeddings, make_embedder
 from knnformer.retrieval.index import (
     DEFAULT_MEMORY_BUDGET,
@@ -18,7 +19,6 @@ from knnformer.retrieval.index import (
     SearchResult,
     choose_index_kind,
     exact_search_excluding,
-    path_size,
 )
 from knnformer.retrieval.neighbours import (
     BM25_INDEX_DIR,

@@ -29,7 +29,6 @@ with a mask; no search happens in the training loop.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 
 from knnformer.data.chunks import ChunkLayout, chunk_layout, read_retrieval_manifest
 from knnformer.data.datastore import Datastore
-from knnformer.io import tmp_path
+from knnformer.io import writing_file
 from knnformer.retrieval.embedders import open_embeddings
 
 logger = logging.getLogger(__name__)
@@ -62,13 +61,8 @@ def _no_progress(stage: str, total: int) -> Callable[[int], None]:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 # ---------------------------------------------------------------- reading neighbours back
