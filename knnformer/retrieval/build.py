@@ -1,4 +1,11 @@
-"""retrieval.build: moved from neighbours."""
+"""The ``knnformer index`` stage: ``index_datastore`` chunks a datastore, embeds the chunks (reusing stored
+embeddings when they match), builds the index over the train chunks, computes every chunk's neighbours under
+the leakage rules (``search.py``), optionally their second hop (``hops.py``), and writes ``index.faiss`` or
+``index.bm25/`` and the neighbour arrays (``neighbours.py``). Everything is computed before anything is
+replaced, and the manifest's ``retrieval`` entries are written last, so they only ever name complete files.
+
+It is the top of ``retrieval``: it uses embedders, index, search and hops, and nothing in ``retrieval`` uses it.
+"""
 
 from __future__ import annotations
 

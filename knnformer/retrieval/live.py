@@ -1,4 +1,11 @@
-"""retrieval.live: moved from neighbours."""
+"""Live retrieval, for text the datastore does not hold (generation): ``open_retriever`` opens a datastore's saved
+index (memory-mapped) with the embedder that built it, and ``Retriever`` embeds new text, searches the index
+(a second hop too for runs trained with ``retrieval.hops=2``) and hands back the neighbours' tokens in the same
+``NeighbourBatch`` the precomputed neighbours give.
+
+Training and evaluation never search: they read precomputed neighbours (``neighbours.py``). Searching at
+generation time is the one exception, and it lives here so that the precomputed path stays free of it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""run.record: moved from evaluate."""
+"""A trained run as the layers above read it: ``load_run`` (the newest checkpoint's model and its run record),
+``open_run_datastore`` (the datastore it was trained on, refused if the tokenizer changed) and ``run_neighbours``
+(the neighbours it was trained with: the datastore's, or those of its last refresh for a learned retriever).
+
+Evaluation, generation, the kNN-LM, inspection and the ``run:RUN`` embedder all open runs this way, so it lives
+in ``run``, below them, rather than in any one of them.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""run.refreshes: moved from refresh."""
+"""A learned run's refreshed neighbours as they lie on disk, ``RUN/refresh/refresh-NNNN/`` (a manifest, the
+neighbour arrays and the train vectors they were searched with): reading one back (``load_refresh``), the
+history of their recall, live retrieval over the last one (``open_run_retriever``), and pruning the arrays no
+checkpoint reads any more.
+
+Computing a refresh is training's work (``train/refresh.py``); reading one is needed by evaluation, generation
+and inspection as well, so that half lives here in ``run``, below all of them.
+"""
 
 from __future__ import annotations
 
