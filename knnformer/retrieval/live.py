@@ -18,6 +18,7 @@ import numpy as np
 from knnformer.data.chunks import ChunkLayout, chunk_layout, chunk_texts, read_retrieval_manifest
 from knnformer.data.datastore import Datastore
 from knnformer.retrieval.embedders import make_embedder
+from knnformer.retrieval.hops import merge_hops
 from knnformer.retrieval.index import BM25Index, DenseIndex, SearchResult
 from knnformer.retrieval.neighbours import NeighbourBatch, neighbour_tokens
 
@@ -55,8 +56,6 @@ class Retriever:
         query: the text joined with that neighbour's text), as ``hops.merge_hops`` orders them."""
         D, I = self.search(texts, k)
         if self.hops == 2:
-            from knnformer.retrieval.hops import merge_hops
-
             first = chunk_texts(self.store, self.layout, np.maximum(I[:, 0], 0))
             D2, I2 = self.search([t + f if i >= 0 else t for t, f, i in zip(texts, first, I[:, 0])], k)
             I, D = merge_hops(I, D, I2, D2, k)

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from knnformer.config import config_from_dict
+from knnformer.data.chunks import chunk_layout
 from knnformer.data.datastore import Datastore
 from knnformer.model.transformer import Transformer
+from knnformer.retrieval.neighbours import load_neighbours
 from knnformer.run.checkpoint import latest_checkpoint, load_checkpoint
+from knnformer.run.refreshes import load_refresh
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Transformer, dict[str, Any], Path]:
@@ -50,15 +53,10 @@ def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run
     """The datastore's neighbours as the run was trained with them (for a learned retriever, those of the run's
     last refresh, in ``run_dir``; after ``hops`` hops, default the run's ``retrieval.hops``); for a plain LM,
     whatever neighbours the datastore has (for the overlap-filtered figures), or None."""
-    from knnformer.retrieval.neighbours import load_neighbours
-
     rcfg = record["config"]["retrieval"]
     hops = hops or rcfg.get("hops", 1)
     refresh = record.get("refresh") or {}
     if rcfg["enabled"] and refresh.get("id") and run_dir is not None:
-        from knnformer.data.chunks import chunk_layout
-        from knnformer.run.refreshes import load_refresh
-
         return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]), hops)
     if rcfg["enabled"]:
         try:

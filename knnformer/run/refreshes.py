@@ -15,10 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from knnformer.data.chunks import ChunkLayout
+from knnformer.data.chunks import ChunkLayout, chunk_layout
 from knnformer.data.datastore import Datastore
+from knnformer.retrieval.embedders import make_embedder
 from knnformer.retrieval.hops import HOP2_FILE, HOP2_SCORES_FILE
+from knnformer.retrieval.index import build_dense_index
+from knnformer.retrieval.live import Retriever
 from knnformer.retrieval.neighbours import Neighbours
+from knnformer.run.vectors import LearnedEmbedder, ProjectedEmbedder, reads_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +77,16 @@ def open_run_retriever(model, store: Datastore, run_dir: str | Path, record: dic
     """Live retrieval for a learned run that has refreshed: the run's learned retriever embeds the query text
     and an exact (flat) index over its last refresh's train vectors answers, so generation searches what
     training last read. (The query is embedded with the checkpoint's weights, the keys with the weights of the
-    refresh, as training's queries were between refreshes.) Memory: the train vectors in float32. None when the run never refreshed (its neighbours are the datastore's: use
-    ``open_retriever``)."""
-    from knnformer.retrieval.index import build_dense_index
-    from knnformer.retrieval.live import Retriever
-    from knnformer.run.vectors import LearnedEmbedder, ProjectedEmbedder, reads_embedder
-
+    refresh, as training's queries were between refreshes.) Memory: the train vectors in float32. None when the
+    run never refreshed (its neighbours are the datastore's: use ``open_retriever``)."""
     refresh = record.get("refresh") or {}
     if not refresh.get("id"):
         return None
     rcfg = record["config"]["retrieval"]
-    from knnformer.data.chunks import chunk_layout
-
     nb = load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg["chunk_size"]))
     index = build_dense_index(nb.vectors[: nb.layout.num_train], "flat")
     name = f"learned:refresh-{refresh['id']}"
     if reads_embedder(rcfg):
-        from knnformer.retrieval.embedders import make_embedder
-
         return Retriever(store, nb.layout, index, ProjectedEmbedder(model, make_embedder(rcfg["embedder"]), name))
     return Retriever(store, nb.layout, index, LearnedEmbedder(model, store.tokenizer, name))
 
