@@ -14,7 +14,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
@@ -27,7 +26,6 @@ from knnformer.retrieval.index import (
     DEFAULT_MEMORY_BUDGET,
     INDEX_KINDS,
     BM25Index,
-    DenseIndex,
     SearchResult,
     choose_index_kind,
     exact_search_excluding,
@@ -44,7 +42,7 @@ from knnformer.retrieval.neighbours import (
     _no_progress,
     _save_npy,
 )
-from knnformer.retrieval.search import compute_neighbours, dense_neighbours
+from knnformer.retrieval.search import DenseNeighbours, compute_neighbours, dense_neighbours
 
 logger = logging.getLogger(__name__)
 
@@ -53,25 +51,6 @@ HopSearch = Callable[[np.ndarray, int], SearchResult]
 ExactSearch = Callable[[np.ndarray, np.ndarray, np.ndarray, int], SearchResult]
 """``exact(ids, lo, hi, kk)``: exact search that skips each query's excluded range ``[lo, hi)``."""
 
-
-class Searched(NamedTuple):
-    """What the stage found with one embedder: the index, every chunk's first-hop neighbours, and how to search
-    the second hop (used only with ``hops=2``)."""
-
-    index: DenseIndex | BM25Index
-    kind: str
-    ids: np.ndarray
-    scores: np.ndarray
-    num_short: int
-    recall: float
-    recall_queries: int
-    build_seconds: float
-    neighbours_seconds: float
-    search_hop2: HopSearch | None
-    exact_hop2: ExactSearch | None
-
-
-# ---------------------------------------------------------------- the stage
 
 def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: str = "auto", k: int = DEFAULT_K,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, exclude_window: int = DEFAULT_EXCLUDE_WINDOW,
@@ -86,17 +65,16 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
     emb = make_embedder(embedder)
     single = int(store.manifest["splits"]["train"]["documents"]) <= 1
     if emb.sparse:
-        found = _bm25_neighbours(store, layout, index, k, exclude_window, not single, progress)
+        found, search_hop2, exact_hop2 = _bm25_neighbours(store, layout, index, k, exclude_window, not single, progress)
     else:
-        found = _dense_neighbours(store, layout, emb, index, k, exclude_window, not single, memory_budget, force,
-                                  seed, progress, hops)
+        found, search_hop2, exact_hop2 = _dense_neighbours(store, layout, emb, index, k, exclude_window, not single,
+                                                           memory_budget, force, seed, progress, hops)
     if found.num_short:
         logger.warning("%d chunks have fewer than %d allowed neighbours (padded with -1)", found.num_short, k)
     hop2, hop2_s = None, 0.0
     if hops == 2:
         t2 = time.perf_counter()
-        hop2 = second_hop(layout, found.ids, found.scores, found.search_hop2, k, exclude_window, not single,
-                          found.exact_hop2)
+        hop2 = second_hop(layout, found.ids, found.scores, search_hop2, k, exclude_window, not single, exact_hop2)
         hop2_s = time.perf_counter() - t2
 
     # all computed: now replace the files and the manifest entries, the entries last
@@ -140,7 +118,7 @@ def _check_arguments(store: Datastore, layout: ChunkLayout, index: str, k: int, 
 
 
 def _bm25_neighbours(store: Datastore, layout: ChunkLayout, index: str, k: int, exclude_window: int,
-                     exclude_same_document: bool, progress: Progress) -> Searched:
+                     exclude_same_document: bool, progress: Progress) -> tuple[DenseNeighbours, HopSearch, None]:
     """bm25: index the train chunk texts and search every chunk's text; the second hop searches with the
     chunk's text joined with its first neighbour's. The index is exact, so recall is 1."""
     if index not in ("auto", "flat"):
@@ -161,12 +139,12 @@ def _bm25_neighbours(store: Datastore, layout: ChunkLayout, index: str, k: int, 
     def search_hop2(q: np.ndarray, kk: int) -> SearchResult:
         return built.search(second_hop_texts(store, layout, q, ids[q, 0]), kk)
 
-    return Searched(built, "bm25", ids, scores, num_short, 1.0, 0, build_s, neighbours_s, search_hop2, None)
+    return DenseNeighbours(built, "bm25", ids, scores, num_short, 1.0, 0, build_s, neighbours_s), search_hop2, None
 
 
 def _dense_neighbours(store: Datastore, layout: ChunkLayout, emb, index: str, k: int, exclude_window: int,
                       exclude_same_document: bool, memory_budget: int, force: bool, seed: int, progress: Progress,
-                      hops: int) -> Searched:
+                      hops: int) -> tuple[DenseNeighbours, HopSearch | None, ExactSearch | None]:
     """A dense embedder: embed every chunk (reusing stored embeddings that match), index the train vectors with
     ``index`` (``auto``: by size and ``memory_budget``) and search every chunk's vector. With ``hops=2`` every
     chunk's second-hop query (its text joined with its first neighbour's) is embedded too, held in float32."""
@@ -186,11 +164,11 @@ def _dense_neighbours(store: Datastore, layout: ChunkLayout, emb, index: str, k:
         def exact_hop2(q: np.ndarray, lo: np.ndarray, hi: np.ndarray, kk: int) -> SearchResult:
             return exact_search_excluding(vectors[: layout.num_train], joined[q], kk, lo, hi)
 
-    return Searched(dense.index, kind, dense.ids, dense.scores, dense.num_short, dense.recall, dense.recall_queries,
-                    dense.build_seconds, dense.neighbours_seconds, search_hop2, exact_hop2)
+    return dense, search_hop2, exact_hop2
 
 
-def _write_files(folder: Path, sparse: bool, found: Searched, hop2: tuple[np.ndarray, np.ndarray, int] | None) -> None:
+def _write_files(folder: Path, sparse: bool, found: DenseNeighbours,
+                 hop2: tuple[np.ndarray, np.ndarray, int] | None) -> None:
     """Put the index and the neighbour arrays in place in ``folder``, each atomically, and remove the index of
     the other kind (a bm25 folder after a dense build, or the reverse)."""
     found.index.save(folder / (BM25_INDEX_DIR if sparse else DENSE_INDEX_FILE))

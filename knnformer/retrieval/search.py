@@ -31,6 +31,7 @@ import numpy as np
 
 from knnformer.data.chunks import ChunkLayout
 from knnformer.retrieval.index import (
+    BM25Index,
     DenseIndex,
     SearchResult,
     build_dense_index,
@@ -128,9 +129,10 @@ def compute_neighbours(layout: ChunkLayout, search: Callable[[np.ndarray, int], 
 
 
 class DenseNeighbours(NamedTuple):
-    """What ``dense_neighbours`` built: the index over the train vectors and every chunk's neighbours."""
+    """What ``dense_neighbours`` built: the index over the train vectors and every chunk's neighbours. The
+    index stage's bm25 search (an exact ``BM25Index``) and a rerank refresh (no index) report the same way."""
 
-    index: DenseIndex
+    index: DenseIndex | BM25Index | None
     kind: str
     """The index kind built: ``kind`` as asked, or flat when its recall fell below the floor."""
     ids: np.ndarray
