@@ -1,4 +1,9 @@
-"""runtime: moved from knnlm, trainer."""
+"""How torch runs, as every layer above the model sets it: ``autocast`` (bf16 autocast, or nothing for fp32) and
+``torch_threads`` (torch's intra-op thread count for a block, restored afterwards).
+
+It is a base module, beside ``config`` and ``io``, because training, evaluation (the kNN-LM included) and the
+experiments all run models the same way, and training and evaluation may not import each other.
+"""
 
 from __future__ import annotations
 

@@ -193,8 +193,7 @@ def test_generation_of_a_learned_run_searches_its_last_refresh(tmp_path, capsys)
     """Live retrieval embeds the text with the run's learned retriever and searches its refreshed vectors: a
     valid chunk's text finds exactly the neighbours the refresh stored for that chunk."""
     from knnformer.cli import main
-    from knnformer.run.record import load_run
-    from knnformer.run.refreshes import open_run_retriever
+    from knnformer.run.record import load_run, open_run_retriever
 
     store = line_store(tmp_path)
     config = learned_config("train.steps=2", "train.checkpoint_interval=2", "train.eval_interval=0",

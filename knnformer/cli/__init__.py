@@ -222,7 +222,7 @@ def cmd_generate(args) -> int:
     retrieving = None
     if rcfg.enabled and args.retrieval != "off" or args.show_neighbours or args.json:
         from knnformer.retrieval.live import open_retriever
-        from knnformer.run.refreshes import open_run_retriever
+        from knnformer.run.record import open_run_retriever
         from knnformer.run.vectors import frozen_vectors, reads_embedder
 
         try:

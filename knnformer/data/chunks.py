@@ -20,7 +20,6 @@ the memory map on demand.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from knnformer.data.corpus import SPLITS
 from knnformer.data.datastore import Datastore
-from knnformer.io import tmp_path
+from knnformer.io import atomic_write_text
 
 DEFAULT_CHUNK_SIZE = 16
 """Small enough that nanoGPT's 64-token context holds four chunks, so retrieval serves most of a window (the
@@ -176,7 +175,5 @@ def update_retrieval_manifest(store_path: str | Path, updates: dict | None = Non
     for key in drop:
         section.pop(key, None)
     section.update(updates or {})
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=2))
     return section

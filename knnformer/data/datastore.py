@@ -18,9 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 from knnformer import __version__
 from knnformer.data.corpus import SPLITS, Document
 from knnformer.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from knnformer.io import writing_folder
 
 logger = logging.getLogger(__name__)
 
@@ -93,36 +92,13 @@ def write_datastore(out: str | Path, docs: list[Document], tokenizer: Tokenizer,
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists; pass --force to replace it")
     order = sorted(range(len(docs)), key=lambda i: SPLITS.index(docs[i].split))
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-        rows = np.zeros(len(docs), dtype=DOC_DTYPE)
-        start = 0
-        with open(tmp / "tokens.bin", "wb") as f:
-            for b, e in encoding_batches([len(docs[i].text) for i in order]):
-                idx = order[b:e]
-                texts = [docs[i].text for i in idx]
-                if isinstance(tokenizer, BPETokenizer):
-                    encoded = [_with_eot(ids, tokenizer.eot_id, dtype) for ids in tokenizer.encode_batch(texts)]
-                else:
-                    encoded = [tokenizer.encode_array(t).astype(dtype) for t in texts]
-                for row, i, ids in zip(range(b, e), idx, encoded):
-                    ids.tofile(f)
-                    rows[row] = (start, len(ids), len(docs[i].text.encode("utf-8")), SPLITS.index(docs[i].split))
-                    start += len(ids)
-                if progress is not None:
-                    progress(len(idx))
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    with writing_folder(out) as tmp:
+        rows = _write_tokens(tmp / "tokens.bin", docs, order, tokenizer, dtype, progress)
+        num_tokens = int(rows["length"].sum())
         np.save(tmp / "docs.npy", rows)
         (tmp / "docs.json").write_text(json.dumps([docs[i].doc_id for i in order], ensure_ascii=False))
         (tmp / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
-        splits = {}
-        for s, name in enumerate(SPLITS):
-            sel = rows[rows["split"] == s]
-            lo = int(sel["start"].min()) if len(sel) else int(start)
-            splits[name] = {"documents": int(len(sel)), "tokens": int(sel["length"].sum()),
-                            "bytes": int(sel["num_bytes"].sum()), "start": lo, "end": lo + int(sel["length"].sum())}
         manifest = {
             "format_version": FORMAT_VERSION,
             "corpus_sha256": corpus_sha256(docs),
@@ -130,22 +106,48 @@ def write_datastore(out: str | Path, docs: list[Document], tokenizer: Tokenizer,
             "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
                           "fingerprint": tokenizer.fingerprint()},
             "token_dtype": np.dtype(dtype).name,
-            "num_tokens": int(start),
-            "splits": splits,
+            "num_tokens": num_tokens,
+            "splits": _split_ranges(rows, num_tokens),
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_tokens(path: Path, docs: list[Document], order: list[int], tokenizer: Tokenizer, dtype,
+                  progress=None) -> np.ndarray:
+    """Tokenize the documents in ``order`` batch by batch, appending their ids to ``path``; returns their
+    ``docs.npy`` rows (start, length, num_bytes, split), in that order."""
+    rows = np.zeros(len(docs), dtype=DOC_DTYPE)
+    start = 0
+    with open(path, "wb") as f:
+        for b, e in encoding_batches([len(docs[i].text) for i in order]):
+            idx = order[b:e]
+            texts = [docs[i].text for i in idx]
+            if isinstance(tokenizer, BPETokenizer):
+                encoded = [_with_eot(ids, tokenizer.eot_id, dtype) for ids in tokenizer.encode_batch(texts)]
+            else:
+                encoded = [tokenizer.encode_array(t).astype(dtype) for t in texts]
+            for row, i, ids in zip(range(b, e), idx, encoded):
+                ids.tofile(f)
+                rows[row] = (start, len(ids), len(docs[i].text.encode("utf-8")), SPLITS.index(docs[i].split))
+                start += len(ids)
+            if progress is not None:
+                progress(len(idx))
+    return rows
+
+
+def _split_ranges(rows: np.ndarray, num_tokens: int) -> dict[str, dict[str, int]]:
+    """The manifest's ``splits``: each split's document, token and byte counts and its ``[start, end)`` range of
+    ``tokens.bin`` (an empty split starts, and ends, at ``num_tokens``)."""
+    splits = {}
+    for s, name in enumerate(SPLITS):
+        sel = rows[rows["split"] == s]
+        lo = int(sel["start"].min()) if len(sel) else num_tokens
+        splits[name] = {"documents": int(len(sel)), "tokens": int(sel["length"].sum()),
+                        "bytes": int(sel["num_bytes"].sum()), "start": lo, "end": lo + int(sel["length"].sum())}
+    return splits
 
 
 @dataclass

@@ -1,4 +1,12 @@
-"""model.layers: moved from model."""
+"""The decoder's building blocks: RMSNorm, rotary position tables, self-attention (exact softmax through SDPA, or
+Performer's FAVOR+) with its generation cache, the SwiGLU feed-forward (or a Mixture-of-Experts of them), the
+pre-norm ``Block`` and the GPT-2 style weight initialisation.
+
+They sit apart from ``transformer.py``, which assembles them into the decoder, because three models share them:
+the decoder, RETRO's neighbour encoder and cross-attention (``retro.py``, which the decoder itself imports) and
+the LRA encoder (``experiments/lra.py``). Like all of ``model``, they read only the config: no data, retrieval
+or run code.
+"""
 
 from __future__ import annotations
 

@@ -130,9 +130,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        E = self.cfg.num_experts
         tokens = x.reshape(-1, D)  # (N, D)
-        N = tokens.shape[0]
         logits, probs = self.route(tokens)
         factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
         if self.cfg.router == "expert_choice":

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 
 from knnformer.data.chunks import ChunkLayout, chunk_texts, read_retrieval_manifest, update_retrieval_manifest
 from knnformer.data.datastore import Datastore
-from knnformer.io import tmp_path
+from knnformer.io import writing_file
 
 logger = logging.getLogger(__name__)
 
@@ -292,11 +291,9 @@ def chunks_to_embeddings(store: Datastore, layout: ChunkLayout, embedder, force:
         return open_embeddings(store.path, have), True
     # the index and neighbours entries name their own embedder, so they stay valid; only this entry goes stale
     update_retrieval_manifest(store.path, drop=("embeddings",))
-    tmp = tmp_path(target)
-    shape = (max(layout.num_chunks, 1), embedder.dim)
-    out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=shape)
     t0 = time.perf_counter()
-    try:
+    with writing_file(target) as tmp:
+        out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(max(layout.num_chunks, 1), embedder.dim))
         for b in range(0, layout.num_chunks, batch_size):
             ids = np.arange(b, min(b + batch_size, layout.num_chunks))
             out[ids[0] : ids[-1] + 1] = embedder.embed(chunk_texts(store, layout, ids)).astype(np.float16)
@@ -304,10 +301,6 @@ def chunks_to_embeddings(store: Datastore, layout: ChunkLayout, embedder, force:
                 progress(len(ids))
         out.flush()
         del out
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     update_retrieval_manifest(store.path, {"embeddings": {**want, "seconds": round(time.perf_counter() - t0, 3)}})
     return open_embeddings(store.path, want), False
 

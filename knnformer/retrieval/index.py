@@ -19,8 +19,6 @@ cheap (``FLAT_MAX`` train chunks), else ``hnsw`` while its memory fits the budge
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from knnformer.io import tmp_path
+from knnformer.io import writing_file, writing_folder
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +154,8 @@ class DenseIndex:
 
     def save(self, path: str | Path) -> None:
         """Write the index to ``path`` through a temporary file."""
-        path = Path(path)
-        tmp = tmp_path(path)
-        try:
+        with writing_file(path) as tmp:
             _faiss().write_index(self.index, str(tmp))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, kind: str, mmap: bool = True, refine: np.ndarray | None = None) -> "DenseIndex":
@@ -330,19 +323,9 @@ class BM25Index:
 
     def save(self, path: str | Path) -> None:
         """Write the bm25s folder at ``path`` through a temporary folder."""
-        path = Path(path)
-        tmp = tmp_path(path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        with writing_folder(path) as tmp:
             self.retriever.save(str(tmp), show_progress=False)
             (tmp / "ntotal.txt").write_text(str(self.ntotal))
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> "BM25Index":
@@ -351,13 +334,6 @@ class BM25Index:
             raise ValueError(f"no bm25 index at {path}; build it with `knnformer index --embedder bm25`")
         retriever = _bm25s().BM25.load(str(path), mmap=mmap, show_progress=False)
         return cls(retriever, int((path / "ntotal.txt").read_text()))
-
-
-def path_size(path: Path) -> int:
-    """Bytes of a file, or of all files under a folder."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 def timed(fn, *args, **kwargs):

@@ -1,4 +1,11 @@
-"""retrieval.live: moved from neighbours."""
+"""Live retrieval, for text the datastore does not hold (generation): ``open_retriever`` opens a datastore's saved
+index (memory-mapped) with the embedder that built it, and ``Retriever`` embeds new text, searches the index
+(a second hop too for runs trained with ``retrieval.hops=2``) and hands back the neighbours' tokens in the same
+``NeighbourBatch`` the precomputed neighbours give.
+
+Training and evaluation never search: they read precomputed neighbours (``neighbours.py``). Searching at
+generation time is the one exception, and it lives here so that the precomputed path stays free of it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import numpy as np
 from knnformer.data.chunks import ChunkLayout, chunk_layout, chunk_texts, read_retrieval_manifest
 from knnformer.data.datastore import Datastore
 from knnformer.retrieval.embedders import make_embedder
+from knnformer.retrieval.hops import merge_hops
 from knnformer.retrieval.index import BM25Index, DenseIndex, SearchResult
 from knnformer.retrieval.neighbours import NeighbourBatch, neighbour_tokens
 
@@ -48,8 +56,6 @@ class Retriever:
         query: the text joined with that neighbour's text), as ``hops.merge_hops`` orders them."""
         D, I = self.search(texts, k)
         if self.hops == 2:
-            from knnformer.retrieval.hops import merge_hops
-
             first = chunk_texts(self.store, self.layout, np.maximum(I[:, 0], 0))
             D2, I2 = self.search([t + f if i >= 0 else t for t, f, i in zip(texts, first, I[:, 0])], k)
             I, D = merge_hops(I, D, I2, D2, k)

@@ -1,22 +1,10 @@
-"""Neighbours: every chunk's K nearest train chunks, precomputed, and the token ids the model reads from them.
+"""Neighbours: every chunk's K nearest train chunks, precomputed by ``knnformer index`` (``build.py``), read back
+for the model, with the token ids it reads from them.
 
-``index_datastore`` runs the whole stage (chunks -> embeddings -> index -> neighbours) and writes
-``neighbours.npy`` ((num_chunks, K) int32 train chunk ids, -1 where fewer than K were allowed) and
-``neighbour_scores.npy`` ((num_chunks, K) float16, the index's scores), nearest first.
-
-Leakage rules (DESIGN.md invariant 2), applied to train queries after over-fetching from the index:
-
-- no neighbour whose tokens, continuation included, lie within ``exclude_window`` tokens of the query chunk
-  (a training window of up to that many tokens that holds the query never also holds its neighbour); this
-  rule always applies, so it also covers a window that spans several short documents;
-- when train has more than one document: no neighbour that touches any document the query chunk touches
-  (with a single train document, as in a corpus split by position, only the window rule applies).
-
-Valid and test queries search the train chunks only (the index holds nothing else) with no further filter.
-Both rules exclude one contiguous range of train chunk ids per query (see ``excluded_ranges``), so a query
-over-fetches K plus that range's size; rows an approximate index still leaves short fall back to an exact search
-that skips the range (dense) or are searched again with more candidates (bm25). A row is short of K (padded with
--1, counted in the manifest) only when fewer than K train chunks are allowed at all.
+Files (in the datastore, or in a run's refresh folder): ``neighbours.npy`` ((num_chunks, K) int32 train chunk
+ids, -1 where fewer than K were allowed) and ``neighbour_scores.npy`` ((num_chunks, K) float16, the index's
+scores), nearest first, described by the manifest's ``retrieval.neighbours`` entry. How they are searched and
+which chunks the leakage rules keep out is ``search.py``'s part.
 
 Continuation: a neighbour hands over its own C tokens and its continuation's (``ChunkLayout.continuations``:
 the next train chunk when the text goes on in the same document, else none), and the leakage rules hold for both.
@@ -24,12 +12,14 @@ the next train chunk when the text goes on in the same document, else none), and
 The model side calls ``load_neighbours(datastore, expected_embedder, chunk_size, context)`` once, then
 ``Neighbours.for_windows(split, starts, length, k)`` per batch: the neighbours' tokens and continuations, padded,
 with a mask; no search happens in the training loop.
+
+The names the stage and its readers share live here too: the defaults (``DEFAULT_K``, ``DEFAULT_EMBEDDER``,
+``DEFAULT_EXCLUDE_WINDOW``), the file names and ``Progress``, the callback every stage reports its work through.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +29,7 @@ import numpy as np
 
 from knnformer.data.chunks import ChunkLayout, chunk_layout, read_retrieval_manifest
 from knnformer.data.datastore import Datastore
-from knnformer.io import tmp_path
+from knnformer.io import writing_file
 from knnformer.retrieval.embedders import open_embeddings
 
 logger = logging.getLogger(__name__)
@@ -62,13 +52,8 @@ def _no_progress(stage: str, total: int) -> Callable[[int], None]:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = tmp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 # ---------------------------------------------------------------- reading neighbours back

@@ -1,4 +1,24 @@
-"""retrieval.search: moved from neighbours."""
+"""Searching for neighbours under the leakage rules: ``excluded_ranges`` (what each query chunk may not
+retrieve), ``compute_neighbours`` (every chunk's K nearest allowed train chunks, from any search function, exact
+or approximate) and ``dense_neighbours`` (index the train vectors and search them all).
+
+Leakage rules (DESIGN.md invariant 2), applied to train queries after over-fetching from the index:
+
+- no neighbour whose tokens, continuation included, lie within ``exclude_window`` tokens of the query chunk
+  (a training window of up to that many tokens that holds the query never also holds its neighbour); this
+  rule always applies, so it also covers a window that spans several short documents;
+- when train has more than one document: no neighbour that touches any document the query chunk touches
+  (with a single train document, as in a corpus split by position, only the window rule applies).
+
+Valid and test queries search the train chunks only (the index holds nothing else) with no further filter.
+Both rules exclude one contiguous range of train chunk ids per query (see ``excluded_ranges``), so a query
+over-fetches K plus that range's size; rows an approximate index still leaves short fall back to an exact search
+that skips the range (dense) or are searched again with more candidates (bm25). A row is short of K (padded with
+-1, counted in the manifest) only when fewer than K train chunks are allowed at all.
+
+The index stage (``build.py``), a run's refreshes (``train/refresh.py``) and the second hop (``hops.py``) all
+search through here, so each gets the same rules.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +31,7 @@ import numpy as np
 
 from knnformer.data.chunks import ChunkLayout
 from knnformer.retrieval.index import (
+    BM25Index,
     DenseIndex,
     SearchResult,
     build_dense_index,
@@ -108,9 +129,10 @@ def compute_neighbours(layout: ChunkLayout, search: Callable[[np.ndarray, int], 
 
 
 class DenseNeighbours(NamedTuple):
-    """What ``dense_neighbours`` built: the index over the train vectors and every chunk's neighbours."""
+    """What ``dense_neighbours`` built: the index over the train vectors and every chunk's neighbours. The
+    index stage's bm25 search (an exact ``BM25Index``) and a rerank refresh (no index) report the same way."""
 
-    index: DenseIndex
+    index: DenseIndex | BM25Index | None
     kind: str
     """The index kind built: ``kind`` as asked, or flat when its recall fell below the floor."""
     ids: np.ndarray

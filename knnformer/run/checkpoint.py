@@ -6,7 +6,6 @@ rather than silently loaded. Each checkpoint is written to a temporary folder an
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from knnformer.io import file_sha256
+from knnformer.io import file_sha256, writing_folder
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -40,13 +39,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, conf
                     optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
                     keep: int = 2) -> Path:
     """Write ``step-N`` atomically and delete all but the ``keep`` newest checkpoints."""
-    folder = Path(run_dir) / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:07d}"
-    tmp = folder / f".tmp-step-{step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+    with writing_folder(final) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -55,11 +49,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, conf
         torch.save({"step": step, **(state or {})}, tmp / "state.pt")
         files = sorted(p.name for p in tmp.iterdir())
         (tmp / "checksums.json").write_text(json.dumps({name: file_sha256(tmp / name) for name in files}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,4 +1,10 @@
-"""run.record: moved from evaluate."""
+"""A trained run as the layers above read it: ``load_run`` (the newest checkpoint's model and its run record),
+``open_run_datastore`` (the datastore it was trained on, refused if the tokenizer changed) and ``run_neighbours``
+(the neighbours it was trained with: the datastore's, or those of its last refresh for a learned retriever).
+
+Evaluation, generation, the kNN-LM, inspection and the ``run:RUN`` embedder all open runs this way, so it lives
+in ``run``, below them, rather than in any one of them.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from knnformer.config import Config, Derived, RetrievalConfig, config_from_dict
+from knnformer.data.chunks import chunk_layout
 from knnformer.data.datastore import Datastore
 from knnformer.model.transformer import Transformer
+from knnformer.retrieval.embedders import make_embedder
+from knnformer.retrieval.index import build_dense_index
+from knnformer.retrieval.live import Retriever
+from knnformer.retrieval.neighbours import load_neighbours
 from knnformer.run.checkpoint import latest_checkpoint, load_checkpoint
+from knnformer.run.refreshes import load_refresh
+from knnformer.run.vectors import LearnedEmbedder, ProjectedEmbedder, reads_embedder
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Transformer, dict[str, Any], Path]:
@@ -63,15 +76,10 @@ def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run
     """The datastore's neighbours as the run was trained with them (for a learned retriever, those of the run's
     last refresh, in ``run_dir``; after ``hops`` hops, default the run's ``retrieval.search.hops``); for a plain LM,
     whatever neighbours the datastore has (for the overlap-filtered figures), or None."""
-    from knnformer.retrieval.neighbours import load_neighbours
-
     rcfg = run_retrieval(record)
     hops = hops or rcfg.search.hops
     refresh = record.get("refresh") or {}
     if rcfg.enabled and refresh.get("id") and run_dir is not None:
-        from knnformer.data.chunks import chunk_layout
-        from knnformer.run.refreshes import load_refresh
-
         return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg.chunk_size), hops)
     if rcfg.enabled:
         try:
@@ -85,3 +93,21 @@ def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run
         return load_neighbours(store)
     except ValueError:
         return None
+
+
+def open_run_retriever(model, store: Datastore, run_dir: str | Path, record: dict):
+    """Live retrieval for a learned run that has refreshed: the run's learned retriever embeds the query text
+    and an exact (flat) index over its last refresh's train vectors answers, so generation searches what
+    training last read. (The query is embedded with the checkpoint's weights, the keys with the weights of the
+    refresh, as training's queries were between refreshes.) Memory: the train vectors in float32. None when the
+    run never refreshed (its neighbours are the datastore's: use ``open_retriever``)."""
+    refresh = record.get("refresh") or {}
+    if not refresh.get("id"):
+        return None
+    rcfg = run_retrieval(record)
+    nb = load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg.chunk_size))
+    index = build_dense_index(nb.vectors[: nb.layout.num_train], "flat")
+    name = f"learned:refresh-{refresh['id']}"
+    if reads_embedder(rcfg):
+        return Retriever(store, nb.layout, index, ProjectedEmbedder(model, make_embedder(rcfg.search.embedder), name))
+    return Retriever(store, nb.layout, index, LearnedEmbedder(model, store.tokenizer, name))

@@ -1,4 +1,11 @@
-"""run.refreshes: moved from refresh."""
+"""A learned run's refreshed neighbours as they lie on disk, ``RUN/refresh/refresh-NNNN/`` (a manifest, the
+neighbour arrays and the train vectors they were searched with): reading one back (``load_refresh``), the
+history of their recall, live retrieval over the last one (``open_run_retriever``), and pruning the arrays no
+checkpoint reads any more.
+
+Computing a refresh is training's work (``train/refresh.py``); reading one is needed by evaluation, generation
+and inspection as well, so that half lives here in ``run``, below all of them.
+"""
 
 from __future__ import annotations
 
@@ -60,34 +67,6 @@ def refresh_history(run_dir: str | Path, upto: int) -> list[dict]:
         rows.append({"refresh": refresh_id, "step": info["step"], "index_kind": info["index_kind"],
                      "recall_at_10": info["recall_at_10"], "recall_queries": info["recall_queries"]})
     return rows
-
-
-def open_run_retriever(model, store: Datastore, run_dir: str | Path, record: dict):
-    """Live retrieval for a learned run that has refreshed: the run's learned retriever embeds the query text
-    and an exact (flat) index over its last refresh's train vectors answers, so generation searches what
-    training last read. (The query is embedded with the checkpoint's weights, the keys with the weights of the
-    refresh, as training's queries were between refreshes.) Memory: the train vectors in float32. None when the run never refreshed (its neighbours are the datastore's: use
-    ``open_retriever``)."""
-    from knnformer.retrieval.index import build_dense_index
-    from knnformer.retrieval.live import Retriever
-    from knnformer.run.vectors import LearnedEmbedder, ProjectedEmbedder, reads_embedder
-
-    refresh = record.get("refresh") or {}
-    if not refresh.get("id"):
-        return None
-    from knnformer.data.chunks import chunk_layout
-    from knnformer.run.record import run_retrieval
-
-    rcfg = run_retrieval(record)
-
-    nb = load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg.chunk_size))
-    index = build_dense_index(nb.vectors[: nb.layout.num_train], "flat")
-    name = f"learned:refresh-{refresh['id']}"
-    if reads_embedder(rcfg):
-        from knnformer.retrieval.embedders import make_embedder
-
-        return Retriever(store, nb.layout, index, ProjectedEmbedder(model, make_embedder(rcfg.search.embedder), name))
-    return Retriever(store, nb.layout, index, LearnedEmbedder(model, store.tokenizer, name))
 
 
 def prune_refreshes(run_dir: str | Path, keep: set[str]) -> int:
