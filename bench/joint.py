@@ -1,7 +1,7 @@
 """Joint optimization on a small corpus: frozen bytes-hash neighbours vs a learned retriever with refreshes, with
 and without ``past``, at equal steps (wall time, refresh pauses included, reported beside each).
 
-    python bench/joint.py --chars 250000 --steps 200 --work /tmp/joint-bench
+    python -m bench.joint --chars 250000 --steps 200 --work /tmp/joint-bench
 
 Writes bench/results/joint-shakespeare.json. One thread, a small model: a smoke-scale measurement, not the
 issue's sympy/gutenberg comparison.

@@ -19,7 +19,7 @@ wall-clock carries the load of the moment (load averages recorded); the step tim
 are measured apart, interleaved: ``--speed-rounds`` rounds in which every variant runs ``--speed-steps``
 training steps in a rotating order, medians. ``clock_s`` in each curve is steps x that median step time.
 
-    python bench/moe.py [--steps 1000] [--variants dense top2 top1 expert_choice] [--out bench/results/moe.json]
+    python -m bench.moe [--steps 1000] [--variants dense top2 top1 expert_choice] [--out bench/results/moe.json]
 """
 
 from __future__ import annotations

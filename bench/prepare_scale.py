@@ -4,7 +4,7 @@ Runs the CLI as a user would and reads the child's wall time and peak RSS (``os.
 also runs the same stages in-process, timed one by one (read, split, BPE training, tokenizing and writing), to
 show where the time goes. Goal: well under a minute.
 
-    python bench/prepare_scale.py [--phases] [--out bench/results/prepare_scale.json]
+    python -m bench.prepare_scale [--phases] [--out bench/results/prepare_scale.json]
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from speed import git_state, machine  # noqa: E402
+from bench.speed import git_state, machine
 
 BOOKS = Path("/work/shared/data/gutenberg/books")
 MANIFEST = Path("/work/shared/data/gutenberg/MANIFEST.tsv")

@@ -8,7 +8,7 @@ on the same train tokens with nanoGPT's schedule (lr 1e-3, 100 warmup steps, cos
 0.9/0.99, weight decay 0.1, clip 1) and scored on the same valid windows. Goal: valid loss <= 1.88, nanoGPT's
 figure for this setting.
 
-    python bench/quality_shakespeare.py [--variants fp32 bf16] [--reference] [--out bench/results/quality_shakespeare.json]
+    python -m bench.quality_shakespeare [--variants fp32 bf16] [--reference] [--out bench/results/quality_shakespeare.json]
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import nanogpt_ref  # noqa: E402
-from speed import git_state, machine  # noqa: E402
-
+from bench import nanogpt_ref
+from bench.speed import git_state, machine
 from knnformer.config import load_config
 from knnformer.data.datastore import Datastore
 from knnformer.eval.evaluate import summarize

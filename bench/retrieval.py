@@ -1,6 +1,6 @@
 """Dense vs retrieval (per embedder) vs dense + kNN-LM on one corpus, at equal steps and at equal wall-clock.
 
-    python bench/retrieval.py --corpus shakespeare --embedders bytes-hash bm25 minilm --steps 2000
+    python -m bench.retrieval --corpus shakespeare --embedders bytes-hash bm25 minilm --steps 2000
 
 Writes bench/results/retrieval-<corpus>.json. Every model uses the same preset (model size, batch, steps);
 retrieval models read neighbours precomputed by `knnformer index` (no search in the training loop). Bits per

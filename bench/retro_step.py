@@ -1,7 +1,7 @@
 """Training step time of a RETRO model over the dense model's, measured by interleaving their steps in one
 process (dense, retro, dense, retro, ...) so that load on a shared machine hits both alike.
 
-    python bench/retro_step.py --store bench/work/shakespeare-bm25-store --preset shakespeare-char
+    python -m bench.retro_step --store bench/work/shakespeare-bm25-store --preset shakespeare-char
 
 Writes bench/results/retro-step-<store>.json: per variant and dtype the median step times (ms), the ratio of
 the medians and the median of per-pair ratios. Steps include sampling the batch and its neighbours (read from
@@ -93,9 +93,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra overrides for the retrieval models")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT / "bench"))
-    from retrieval import cpu_name
-
+    from bench.retrieval import cpu_name
     from knnformer.config import load_config
     from knnformer.data.datastore import Datastore
 

@@ -8,7 +8,7 @@ measured fp32 and bf16 matmul peaks (``bench/matmul_peak.py``, measured before a
 ratio to the nanoGPT reference. A variant that raises is recorded with its error and skipped. Re-running one
 setting (``--settings wide``) replaces only that setting's entry in the JSON.
 
-    python bench/speed.py [--settings small wide] [--rounds 10] [--out bench/results/speed.json]
+    python -m bench.speed [--settings small wide] [--rounds 10] [--out bench/results/speed.json]
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-import nanogpt_ref  # noqa: E402
-from matmul_peak import measure_peaks  # noqa: E402
-
+from bench import nanogpt_ref
+from bench.matmul_peak import measure_peaks
 from knnformer.config import ModelConfig, TrainConfig
 from knnformer.model.transformer import Transformer, flops_per_token
 from knnformer.runtime import autocast
