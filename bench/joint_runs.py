@@ -166,11 +166,14 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra config overrides")
     p.add_argument("--reuse", action="store_true", help="keep a finished run of the same steps")
     p.add_argument("--summary", action="store_true", help="gather the finished runs' JSON")
+    p.add_argument("--data", default=rb.DEFAULT_DATA,
+                   help="the folder holding the corpora (default: %(default)s, from the repository root)")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(1)
     rb.REUSE, rb.SUBSET, rb.TOKENIZER = args.reuse, args.subset, ("bpe", args.vocab_size)
+    rb.DATA = Path(args.data)
     if args.summary:
         summary(args)
     elif args.variant:

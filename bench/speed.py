@@ -9,6 +9,7 @@ ratio to the nanoGPT reference. A variant that raises is recorded with its error
 setting (``--settings wide``) replaces only that setting's entry in the JSON.
 
     python -m bench.speed [--settings small wide] [--rounds 10] [--out bench/results/speed.json]
+        [--data ../shared/data/tinyshakespeare/input.txt]
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ from knnformer.model.transformer import Transformer, flops_per_token
 from knnformer.runtime import autocast
 from knnformer.train.optim import lr_at, make_optimizer
 from knnformer.train.trainer import sample_windows
-
-DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
 
 # name: (layers, heads, width, context, batch); vocabulary: 256 bytes
 SETTINGS = {
@@ -224,17 +223,19 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=None, help="variant names to run (nanogpt always runs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
+    p.add_argument("--data", type=Path, default=Path("../shared/data/tinyshakespeare/input.txt"),
+                   help="the text trained on, as bytes (default: %(default)s, from the repository root)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = np.frombuffer(DATA.read_bytes(), dtype=np.uint8).astype(np.uint16)
+    data = np.frombuffer(args.data.read_bytes(), dtype=np.uint8).astype(np.uint16)
     out = Path(args.out)
     # settings not run now keep their earlier results: each setting carries its own peaks, load and commit
     report = json.loads(out.read_text()) if out.exists() else {}
     report["machine"] = machine()
     report.setdefault("settings", {})
     for name in args.settings:
-        info = {"command": "python " + " ".join(sys.argv), "git": git_state(),
+        info = {"command": " ".join(["python -m bench.speed", *sys.argv[1:]]), "git": git_state(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_start": os.getloadavg()}
         before = measure_peaks(repeats=5)
         result = run_setting(name, SETTINGS[name], data, args.rounds, args.only)
