@@ -1,7 +1,7 @@
 """Joint optimization on a small corpus: frozen bytes-hash neighbours vs a learned retriever with refreshes, with
 and without ``past``, at equal steps (wall time, refresh pauses included, reported beside each).
 
-    python bench/joint.py --chars 250000 --steps 200 --work /tmp/joint-bench
+    python -m bench.joint --chars 250000 --steps 200 --work /tmp/joint-bench
 
 Writes bench/results/joint-shakespeare.json. One thread, a small model: a smoke-scale measurement, not the
 issue's sympy/gutenberg comparison.
@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 VARIANTS = {
     "dense": ["retrieval.enabled=false"],
@@ -41,11 +40,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--refresh", default="50-:50")
     p.add_argument("--work", default="/tmp/joint-bench")
+    p.add_argument("--data", type=Path, default=Path("../shared/data/tinyshakespeare/input.txt"),
+                   help="tiny shakespeare, cut to --chars (default: %(default)s, from the repository root)")
     args = p.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    text = SHAKESPEARE.read_text()[: args.chars]
+    text = args.data.read_text()[: args.chars]
     (work / "input.txt").write_text(text)
     store_path = work / "store"
     if not (store_path / "manifest.json").exists():

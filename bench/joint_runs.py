@@ -1,9 +1,9 @@
 """Issue 4 at corpus scale: the learned retriever with refreshes against frozen minilm, bm25 and dense, and
 ``past`` / two hops against their one-source, one-hop twins; one model per process, so several run side by side.
 
-    python bench/joint_runs.py --corpus sympy --variant learned --steps 2000 --refresh 500-:500
-    python bench/joint_runs.py --corpus sympy --variant minilm --steps 2680     # equal compute: see --summary
-    python bench/joint_runs.py --corpus sympy --summary
+    python -m bench.joint_runs --corpus sympy --variant learned --steps 2000 --refresh 500-:500
+    python -m bench.joint_runs --corpus sympy --variant minilm --steps 2680     # equal compute: see --summary
+    python -m bench.joint_runs --corpus sympy --summary
 
 Each run writes bench/results/joint/<datastore>-<variant>-<steps>.json: bits per byte on valid and test, RETRO's
 overlap-filtered figure at alpha = 0.125, retrieval off, the per-neighbour gain, wall time, and for a learned run
@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import retrieval as rb
 
-import retrieval as rb  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # variant -> (embedder store, overrides); "{refresh}" is --refresh
 VARIANTS = {
@@ -167,11 +166,14 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra config overrides")
     p.add_argument("--reuse", action="store_true", help="keep a finished run of the same steps")
     p.add_argument("--summary", action="store_true", help="gather the finished runs' JSON")
+    p.add_argument("--data", default=rb.DEFAULT_DATA,
+                   help="the folder holding the corpora (default: %(default)s, from the repository root)")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(1)
     rb.REUSE, rb.SUBSET, rb.TOKENIZER = args.reuse, args.subset, ("bpe", args.vocab_size)
+    rb.DATA = Path(args.data)
     if args.summary:
         summary(args)
     elif args.variant:

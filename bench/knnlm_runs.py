@@ -1,6 +1,6 @@
 """kNN-LM on trained runs, with RETRO's overlap-filtered figures, into one JSON.
 
-    python bench/knnlm_runs.py --out bench/results/knnlm-shakespeare.json bench/work/shakespeare-dense:valid
+    python -m bench.knnlm_runs --out bench/results/knnlm-shakespeare.json bench/work/shakespeare-dense:valid
 
 Each argument is RUN:SPLIT[,SPLIT]. Scoring valid: tuned on valid's first half, its second half scored;
 scoring test: tuned on valid. The run's kNN-LM store (RUN/knnlm) is reused when it matches.

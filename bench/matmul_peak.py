@@ -3,7 +3,7 @@
 Times large square ``a @ b`` products (2 n^3 FLOPs each) in fp32 and bf16 and reports the median GFLOP/s over
 several repeats, after a warmup. Run as a script to print (and optionally save) the figures::
 
-    python bench/matmul_peak.py [--n 2048] [--repeats 7] [--threads 2] [--out bench/results/matmul_peak.json]
+    python -m bench.matmul_peak [--n 2048] [--repeats 7] [--threads 2] [--out bench/results/matmul_peak.json]
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ wall-clock carries the load of the moment (load averages recorded); the step tim
 are measured apart, interleaved: ``--speed-rounds`` rounds in which every variant runs ``--speed-steps``
 training steps in a rotating order, medians. ``clock_s`` in each curve is steps x that median step time.
 
-    python bench/moe.py [--steps 1000] [--variants dense top2 top1 expert_choice] [--out bench/results/moe.json]
+    python -m bench.moe [--steps 1000] [--variants dense top2 top1 expert_choice] [--out bench/results/moe.json]
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from knnformer.model.transformer import Transformer, flops_per_token
 from knnformer.train.optim import make_optimizer
 from knnformer.train.trainer import sample_windows, train
 
-SYMPY = Path("/work/shared/data/sympy-1.13.3/files/sympy")
-
 VARIANTS = {  # model.* overrides; "half" is replaced by F/2
     "dense": [],
     "top2": ["model.ffn=moe", "model.moe.router=top2", "model.moe.expert_hidden=half"],
@@ -63,13 +61,13 @@ def base_overrides(args) -> list[str]:
             f"train.checkpoint_interval={args.steps}", "train.keep_checkpoints=1", "train.threads=1"]
 
 
-def prepare(work: Path, subsets: list[str]) -> Datastore:
+def prepare(work: Path, subsets: list[str], sympy: Path) -> Datastore:
     store = work / f"sympy-{'-'.join(subsets)}"
     if not (store / "manifest.json").exists():
         corpus = work / "corpus"  # one folder of copies, so that document ids are paths below sympy/, distinct
         shutil.rmtree(corpus, ignore_errors=True)
         for s in subsets:
-            shutil.copytree(SYMPY / s, corpus / s)
+            shutil.copytree(sympy / s, corpus / s)
         code = knnformer_main(["-q", "prepare", str(corpus), "--out", str(store), "--force"])
         if code:
             raise SystemExit(f"prepare failed with exit code {code}")
@@ -183,11 +181,13 @@ def main() -> None:
     p.add_argument("--speed-steps", type=int, default=5)
     p.add_argument("--work", default="/tmp/knnformer-bench-moe", help="folder for the datastore and the runs")
     p.add_argument("--out", default="bench/results/moe.json")
+    p.add_argument("--data", default="../shared/data/sympy-1.13.3/files/sympy",
+                   help="the sympy/ source folder holding --subsets (default: %(default)s, from the repository root)")
     args = p.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    store = prepare(work, args.subsets)
+    store = prepare(work, args.subsets, Path(args.data).resolve())
     load_before = os.getloadavg()
     speed = step_times(args, store)
     print("interleaved step times:", json.dumps(speed), flush=True)
@@ -206,7 +206,7 @@ def main() -> None:
             row = next((c for c in r["curve"] if c["step"] == step), None)
             r["train_s_to_dense_final"] = row["train_s"] if row else None
             r["clock_s_to_dense_final"] = row["clock_s"] if row else None
-    record = {"command": "python " + " ".join(sys.argv), "args": vars(args),
+    record = {"command": " ".join(["python -m bench.moe", *sys.argv[1:]]), "args": vars(args),
               "datastore": {"subsets": args.subsets, "tokens": store.manifest["num_tokens"],
                             "splits": store.manifest["splits"]},
               "machine": {"cpu": platform.processor() or platform.machine(), "threads": 1,

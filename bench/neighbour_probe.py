@@ -1,6 +1,6 @@
 """How often the neighbours a datastore hands a valid chunk contain the text that follows it.
 
-    python bench/neighbour_probe.py bench/work/sympy-bpe4096-1of4-store bench/work/sympy-bpe4096-1of4-minilm-store
+    python -m bench.neighbour_probe bench/work/sympy-bpe4096-1of4-store bench/work/sympy-bpe4096-1of4-minilm-store
 
 For a seeded sample of valid chunks c, with the precomputed neighbours of c (K = 2, each with its continuation):
 ``next_token_recall`` is the share of chunk c + 1's tokens found anywhere in the neighbours' continuations, and

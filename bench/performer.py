@@ -7,7 +7,7 @@ measured in a fresh subprocess per point, with the peak reset (``/proc/self/clea
 built and a 64-token warmup: it counts every torch CPU allocation, which tracemalloc does not see. Decoding cost: milliseconds for one
 new token at position L with a KV cache of L keys (softmax) or the running state (Performer), L = 256 .. 16384.
 
-    python bench/performer.py [--max-len 16384] [--out bench/results/performer.json]
+    python -m bench.performer [--max-len 16384] [--out bench/results/performer.json]
 
 Writes the JSON and a PNG plot beside it, and prints a table and the crossover lengths.
 """
@@ -162,9 +162,9 @@ def main() -> None:
     for T in lengths:
         repeats = 5 if T <= 2048 else 3 if T <= 8192 else 2
         for attention in ("softmax", "performer"):
-            out = subprocess.run([sys.executable, __file__, "--point", f"{attention},{T},{repeats}",
+            out = subprocess.run([sys.executable, "-m", "bench.performer", "--point", f"{attention},{T},{repeats}",
                                   "--num-features", str(args.num_features), "--chunk-size", str(args.chunk_size)],
-                                 capture_output=True, text=True, check=True,
+                                 capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
             row = json.loads(out.stdout.strip().splitlines()[-1])
             train.append(row)

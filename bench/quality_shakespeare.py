@@ -8,7 +8,8 @@ on the same train tokens with nanoGPT's schedule (lr 1e-3, 100 warmup steps, cos
 0.9/0.99, weight decay 0.1, clip 1) and scored on the same valid windows. Goal: valid loss <= 1.88, nanoGPT's
 figure for this setting.
 
-    python bench/quality_shakespeare.py [--variants fp32 bf16] [--reference] [--out bench/results/quality_shakespeare.json]
+    python -m bench.quality_shakespeare [--variants fp32 bf16] [--reference] [--out bench/results/quality_shakespeare.json]
+        [--data ../shared/data/tinyshakespeare/input.txt]
 """
 
 from __future__ import annotations
@@ -27,17 +28,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import nanogpt_ref  # noqa: E402
-from speed import git_state, machine  # noqa: E402
-
+from bench import nanogpt_ref
+from bench.speed import git_state, machine
 from knnformer.config import load_config
 from knnformer.data.datastore import Datastore
 from knnformer.eval.evaluate import summarize
 from knnformer.eval.scoring import score_tokens
 from knnformer.train.optim import lr_at
 
-CORPUS = Path("/work/shared/data/tinyshakespeare/input.txt")
 HERE = Path(__file__).parent
 GOAL = 1.88
 VARIANTS = {
@@ -57,10 +55,10 @@ def knnformer_cli(*args: str) -> subprocess.CompletedProcess:
     return done
 
 
-def prepare(work: Path) -> Path:
+def prepare(work: Path, corpus: Path) -> Path:
     store = work / "shakespeare-bytes"
     if not (store / "manifest.json").exists():
-        knnformer_cli("prepare", str(CORPUS), "--out", str(store), "--force")
+        knnformer_cli("prepare", str(corpus), "--out", str(store), "--force")
     return store
 
 
@@ -135,6 +133,8 @@ def main() -> None:
     p.add_argument("--reference", action="store_true", help="also train the nanoGPT-style reference")
     p.add_argument("--work", default=str(HERE / "results" / "work"), help="datastore and runs (gitignored)")
     p.add_argument("--out", default=str(HERE / "results" / "quality_shakespeare.json"))
+    p.add_argument("--data", type=Path, default=Path("../shared/data/tinyshakespeare/input.txt"),
+                   help="tiny shakespeare (default: %(default)s, from the repository root)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def main() -> None:
     report = json.loads(out.read_text()) if out.exists() else {}
     report.update({"goal_valid_loss": GOAL, "machine": machine(), "load_avg_start": os.getloadavg()})
     report.setdefault("runs", {})
-    store = prepare(work)
+    store = prepare(work, args.data.resolve())
 
     def save() -> None:  # after every run: a long benchmark that stops keeps what it finished
         report["load_avg_end"] = os.getloadavg()

@@ -1,7 +1,7 @@
 """What a refresh costs training: the same learned run with refreshes in line (``refresh_lag=0``) and in the
 background (``refresh_lag`` half the interval), one after the other in this process.
 
-    python bench/refresh_pause.py --store bench/work/sympy-bpe4096-1of4-minilm-store --steps 600 --refresh 200-:200
+    python -m bench.refresh_pause --store bench/work/sympy-bpe4096-1of4-minilm-store --steps 600 --refresh 200-:200
 
 Writes bench/results/refresh-pause-<store>.json: per mode the wall time, the pauses training waited for
 (``refresh_seconds``), the refreshes' own CPU seconds (``refresh_cpu_seconds``) and the pause's share of the wall

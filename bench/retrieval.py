@@ -1,6 +1,6 @@
 """Dense vs retrieval (per embedder) vs dense + kNN-LM on one corpus, at equal steps and at equal wall-clock.
 
-    python bench/retrieval.py --corpus shakespeare --embedders bytes-hash bm25 minilm --steps 2000
+    python -m bench.retrieval --corpus shakespeare --embedders bytes-hash bm25 minilm --steps 2000
 
 Writes bench/results/retrieval-<corpus>.json. Every model uses the same preset (model size, batch, steps);
 retrieval models read neighbours precomputed by `knnformer index` (no search in the training loop). Bits per
@@ -22,15 +22,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+DEFAULT_DATA = "../shared/data"  # from the repository root: --data
+# inputs and split files are relative to the data folder (DATA)
 CORPORA = {
-    "shakespeare": {"inputs": [SHARED / "tinyshakespeare" / "input.txt"], "split_file": None, "splits": ["valid"]},
-    "sympy": {"inputs": [SHARED / "sympy-1.13.3"], "split_file": None, "splits": ["valid", "test"], "glob": "**/*.py.txt"},
-    "gutenberg": {"inputs": [SHARED / "gutenberg" / "books"], "split_file": SHARED / "gutenberg" / "MANIFEST.tsv",
-                  "splits": ["valid", "test"]},
+    "shakespeare": {"inputs": ["tinyshakespeare/input.txt"], "split_file": None, "splits": ["valid"]},
+    "sympy": {"inputs": ["sympy-1.13.3"], "split_file": None, "splits": ["valid", "test"], "glob": "**/*.py.txt"},
+    "gutenberg": {"inputs": ["gutenberg/books"], "split_file": "gutenberg/MANIFEST.tsv", "splits": ["valid", "test"]},
 }
 
 
+DATA = Path(DEFAULT_DATA)
 REUSE = False
 TOKENIZER = ("bytes", 0)
 SUBSET = 1
@@ -45,9 +46,9 @@ def cpu_name() -> str:
 
 
 def prepare(corpus: str, work: Path):
-    """The corpus's datastore in ``work`` (reused when there). With SUBSET = N > 1 only the documents whose id
-    hashes to 0 mod N are kept (a reproducible 1/N of the corpus, for embedders too slow for all of it); with a
-    published split, all of valid and test are kept and 1/N of train."""
+    """The corpus's datastore in ``work`` (reused when there), read from the DATA folder. With SUBSET = N > 1
+    only the documents whose id hashes to 0 mod N are kept (a reproducible 1/N of the corpus, for embedders too
+    slow for all of it); with a published split, all of valid and test are kept and 1/N of train."""
     import hashlib
 
     from knnformer.data.corpus import apply_split_file, assign_splits, read_documents, read_split_file
@@ -57,16 +58,17 @@ def prepare(corpus: str, work: Path):
     kind, vocab = TOKENIZER
     path = work / f"{corpus}-store" if (kind, SUBSET) == ("bytes", 1) else work / f"{corpus}-{kind}{vocab}-1of{SUBSET}-store"
     if not (path / "manifest.json").exists():
-        docs, _ = read_documents([str(p) for p in spec["inputs"]], spec.get("glob", "**/*"))
+        inputs = [str((DATA / p).resolve()) for p in spec["inputs"]]
+        docs, _ = read_documents(inputs, spec.get("glob", "**/*"))
         keep = lambda d: int(hashlib.sha256(d.doc_id.encode()).hexdigest(), 16) % SUBSET == 0  # noqa: E731
         if spec["split_file"]:  # a published split: keep all of valid and test, 1/N of train
-            docs = apply_split_file(docs, read_split_file(str(spec["split_file"])))
+            docs = apply_split_file(docs, read_split_file(str((DATA / spec["split_file"]).resolve())))
             docs = [d for d in docs if d.split != "train" or keep(d)]
         else:
             docs = [d for d in docs if keep(d)]
             single = len(docs) == 1
             docs = assign_splits(docs, 0.1 if single else 0.05, 0.0 if single else 0.05)
-        write_datastore(path, docs, build_tokenizer(docs, kind, vocab), [str(p) for p in spec["inputs"]], True)
+        write_datastore(path, docs, build_tokenizer(docs, kind, vocab), inputs, True)
     return Datastore.open(path)
 
 
@@ -185,9 +187,11 @@ def main() -> None:
     p.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bytes")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--subset", type=int, default=1, help="keep 1 in N documents (by a hash of the id)")
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="the folder holding the corpora (default: %(default)s, from the repository root)")
     args = p.parse_args()
-    global REUSE, TOKENIZER, SUBSET
-    REUSE, SUBSET = args.reuse, args.subset
+    global DATA, REUSE, TOKENIZER, SUBSET
+    DATA, REUSE, SUBSET = Path(args.data), args.reuse, args.subset
     TOKENIZER = (args.tokenizer, args.vocab_size if args.tokenizer == "bpe" else 0)
     from knnformer.data.chunks import read_retrieval_manifest
     from knnformer.retrieval.build import index_datastore

@@ -1,7 +1,7 @@
 """Training step time of a RETRO model over the dense model's, measured by interleaving their steps in one
 process (dense, retro, dense, retro, ...) so that load on a shared machine hits both alike.
 
-    python bench/retro_step.py --store bench/work/shakespeare-bm25-store --preset shakespeare-char
+    python -m bench.retro_step --store bench/work/shakespeare-bm25-store --preset shakespeare-char
 
 Writes bench/results/retro-step-<store>.json: per variant and dtype the median step times (ms), the ratio of
 the medians and the median of per-pair ratios. Steps include sampling the batch and its neighbours (read from
@@ -47,11 +47,11 @@ def measure(store, preset: str, sets: list[str], dtype: str, steps: int, warmup:
     def setup(retrieval: bool, extra: list[str]):
         cfg = load_config(preset, [f"train.dtype={dtype}"] + (["retrieval.enabled=true"] + extra if retrieval else []))
         cfg.model.vocab_size = store.tokenizer.vocab_size
-        nb = resolve_retrieval(cfg, store)
+        nb, derived = resolve_retrieval(cfg, store)
+        cfg.retrieval = derived.apply(cfg.retrieval)
         frozen = frozen_vectors(store, cfg.retrieval) if retrieval else None
-        if frozen is not None:
-            cfg.retrieval.retriever_input_dim = frozen.shape[1]
-        model = Transformer(cfg.model, cfg.retrieval if retrieval else None)
+        width = frozen.shape[1] if frozen is not None else 0
+        model = Transformer(cfg.model, cfg.retrieval if retrieval else None, width)
         sampler = WindowSampler(store.split_tokens("train"), cfg.model.context, nb, "train",
                                 cfg.retrieval.num_neighbours, cfg.retrieval.continuation, vectors=frozen)
         return model, make_optimizer(model, cfg.train), sampler, cfg.train.batch_size
@@ -93,9 +93,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="extra overrides for the retrieval models")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT / "bench"))
-    from retrieval import cpu_name
-
+    from bench.retrieval import cpu_name
     from knnformer.config import load_config
     from knnformer.data.datastore import Datastore
 

@@ -8,7 +8,8 @@ measured fp32 and bf16 matmul peaks (``bench/matmul_peak.py``, measured before a
 ratio to the nanoGPT reference. A variant that raises is recorded with its error and skipped. Re-running one
 setting (``--settings wide``) replaces only that setting's entry in the JSON.
 
-    python bench/speed.py [--settings small wide] [--rounds 10] [--out bench/results/speed.json]
+    python -m bench.speed [--settings small wide] [--rounds 10] [--out bench/results/speed.json]
+        [--data ../shared/data/tinyshakespeare/input.txt]
 """
 
 from __future__ import annotations
@@ -30,17 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-import nanogpt_ref  # noqa: E402
-from matmul_peak import measure_peaks  # noqa: E402
-
+from bench import nanogpt_ref
+from bench.matmul_peak import measure_peaks
 from knnformer.config import ModelConfig, TrainConfig
 from knnformer.model.transformer import Transformer, flops_per_token
 from knnformer.runtime import autocast
 from knnformer.train.optim import lr_at, make_optimizer
 from knnformer.train.trainer import sample_windows
-
-DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
 
 # name: (layers, heads, width, context, batch); vocabulary: 256 bytes
 SETTINGS = {
@@ -226,17 +223,19 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=None, help="variant names to run (nanogpt always runs)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
+    p.add_argument("--data", type=Path, default=Path("../shared/data/tinyshakespeare/input.txt"),
+                   help="the text trained on, as bytes (default: %(default)s, from the repository root)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = np.frombuffer(DATA.read_bytes(), dtype=np.uint8).astype(np.uint16)
+    data = np.frombuffer(args.data.read_bytes(), dtype=np.uint8).astype(np.uint16)
     out = Path(args.out)
     # settings not run now keep their earlier results: each setting carries its own peaks, load and commit
     report = json.loads(out.read_text()) if out.exists() else {}
     report["machine"] = machine()
     report.setdefault("settings", {})
     for name in args.settings:
-        info = {"command": "python " + " ".join(sys.argv), "git": git_state(),
+        info = {"command": " ".join(["python -m bench.speed", *sys.argv[1:]]), "git": git_state(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_avg_start": os.getloadavg()}
         before = measure_peaks(repeats=5)
         result = run_setting(name, SETTINGS[name], data, args.rounds, args.only)
