@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,34 +40,11 @@ from knnformer.runtime import autocast
 from knnformer.train.inputs import estimate_loss, make_samplers, resolve_retrieval, sample_windows
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
 from knnformer.train.refresh import BackgroundRefresh, FinishedRefresh, refresh_due, refresh_neighbours
+from knnformer.train.stop import StopRequested
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["StopRequested", "TrainResult", "Trainer", "resolve_retrieval", "run_record", "sample_windows", "train"]
-
-
-class StopRequested:
-    """Turns the first Ctrl-C into a flag the loop checks between steps; a second one interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: Ctrl-C is not ours to catch
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass
