@@ -49,6 +49,9 @@ __all__ = ["StopRequested", "TrainResult", "Trainer", "resolve_retrieval", "run_
 
 @dataclass
 class TrainResult:
+    """How a call of ``train`` ended: the step reached, whether Ctrl-C stopped it, the last step's loss and the
+    last periodic evaluation ({} if none ran)."""
+
     step: int
     interrupted: bool
     last_loss: float
@@ -61,14 +64,6 @@ def run_record(config: Config, datastore: Datastore) -> dict[str, Any]:
             "datastore": {"path": str(Path(datastore.path).resolve()),
                           "corpus_sha256": datastore.manifest["corpus_sha256"],
                           "tokenizer_fingerprint": datastore.manifest["tokenizer"]["fingerprint"]}}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after ``step`` by a run that stopped without checkpointing them."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -117,7 +112,7 @@ class Trainer:
         train_data = self.datastore.require_split("train", self.mcfg.context + 2)
         self.neighbours = resolve_retrieval(self.config, self.datastore)
         rcfg = self.rcfg = self.config.retrieval
-        # a learned retriever reading the embedder
+        # the embedder's vectors of every chunk, for a learned retriever that reads them (None otherwise)
         self.frozen = frozen_vectors(self.datastore, rcfg) if rcfg.enabled else None
         if self.frozen is not None:
             rcfg.retriever_input_dim = int(self.frozen.shape[1])
