@@ -1,4 +1,8 @@
-"""train.optim: moved from trainer."""
+"""The optimizer side of training: AdamW with weight decay on matrices only and a learned retriever's own
+parameter group (``make_optimizer``), the learning rate of each step, linear warmup then cosine decay
+(``lr_at``), and the Performer's random features redrawn every ``redraw_interval`` steps from a generator seeded
+by the step, so a resumed run draws the same ones (``redraw_due``, ``redraw_step``).
+"""
 
 from __future__ import annotations
 

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ import numpy as np
 from knnformer.config import RetrievalConfig, Schedule
 from knnformer.data.chunks import ChunkLayout
 from knnformer.data.datastore import Datastore
+from knnformer.io import writing_folder
 from knnformer.retrieval.hops import HOP2_FILE, HOP2_SCORES_FILE
 from knnformer.retrieval.index import choose_index_kind
 from knnformer.retrieval.neighbours import NEIGHBOURS_FILE, SCORES_FILE, Neighbours, Progress, _no_progress
@@ -83,21 +82,7 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
         kind = choose_index_kind(layout.num_train, vectors.shape[1]) if index == "auto" else index
         dense = dense_neighbours(layout, vectors, base.k, base.info["exclude_window"],
                                  base.info["exclude_same_document"], kind, seed, progress, recall_floor, ef_search)
-    hop2 = None
-    if hops == 2:
-        from knnformer.retrieval.hops import second_hop, second_hop_tokens
-        from knnformer.retrieval.index import exact_search_excluding
-        from knnformer.run.vectors import embed_token_rows
-
-        if 2 * layout.chunk_size > model.config.context:
-            raise ValueError(f"retrieval.search.hops=2 with a learned retriever embeds two chunks ({2 * layout.chunk_size} "
-                             f"tokens) at once, more than the context {model.config.context}; use hops=1")
-        q = np.arange(layout.num_chunks)
-        joined = embed_token_rows(model, *second_hop_tokens(store, layout, q, np.asarray(dense.ids)[:, 0]))
-        xb = vectors[: layout.num_train]
-        hop2 = second_hop(layout, dense.ids, dense.scores, lambda ids, kk: dense.index.search(joined[ids], kk),
-                          base.k, base.info["exclude_window"], base.info["exclude_same_document"],
-                          lambda ids, lo, hi, kk: exact_search_excluding(xb, joined[ids], kk, lo, hi))
+    hop2 = learned_second_hop(model, base, dense, vectors) if hops == 2 else None
     info = {**{key: base.info[key] for key in ("tokenizer_fingerprint", "chunk_size", "exclude_window",
                                                "exclude_same_document")},
             "embedder": "learned", "embedder_fingerprint": f"learned:refresh-{refresh_id}",
@@ -110,11 +95,8 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
             "index_seconds": round(dense.build_seconds, 3), "neighbours_seconds": round(dense.neighbours_seconds, 3),
             "hops": hops}
     final = refresh_folder(run_dir, refresh_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # a resumed run redoing a refresh replaces the folder: the same weights wrote the same neighbours
+    with writing_folder(final) as tmp:
         np.save(tmp / NEIGHBOURS_FILE, dense.ids)
         np.save(tmp / SCORES_FILE, dense.scores)
         np.save(tmp / VECTORS_FILE, vectors.astype(np.float16))
@@ -122,14 +104,29 @@ def refresh_neighbours(model, base: Neighbours, run_dir: str | Path, refresh_id:
             np.save(tmp / HOP2_FILE, hop2[0])
             np.save(tmp / HOP2_SCORES_FILE, hop2[1])
         (tmp / "manifest.json").write_text(json.dumps(info, indent=2))
-        if final.exists():  # a resumed run redoing a refresh: the same weights wrote the same neighbours
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("refresh %d at step %d: %.2f s (embedding %.2f s), recall@10 %.3f", refresh_id, step,
                 time.perf_counter() - t0, embed_s, dense.recall)
     return load_refresh(final, store, layout, hops)
+
+
+def learned_second_hop(model, base: Neighbours, dense: DenseNeighbours, vectors: np.ndarray):
+    """The second hop's neighbours and scores under ``base``'s leakage rules: each chunk's query is ``model``'s
+    retriever embedding of the chunk's tokens joined with those of its first neighbour in ``dense`` (see
+    hops.py), searched in ``dense``'s index of the train chunks' ``vectors``."""
+    from knnformer.retrieval.hops import second_hop, second_hop_tokens
+    from knnformer.retrieval.index import exact_search_excluding
+    from knnformer.run.vectors import embed_token_rows
+
+    layout = base.layout
+    if 2 * layout.chunk_size > model.config.context:
+        raise ValueError(f"retrieval.search.hops=2 with a learned retriever embeds two chunks ({2 * layout.chunk_size} "
+                         f"tokens) at once, more than the context {model.config.context}; use hops=1")
+    q = np.arange(layout.num_chunks)
+    joined = embed_token_rows(model, *second_hop_tokens(base.store, layout, q, np.asarray(dense.ids)[:, 0]))
+    xb = vectors[: layout.num_train]
+    return second_hop(layout, dense.ids, dense.scores, lambda ids, kk: dense.index.search(joined[ids], kk),
+                      base.k, base.info["exclude_window"], base.info["exclude_same_document"],
+                      lambda ids, lo, hi, kk: exact_search_excluding(xb, joined[ids], kk, lo, hi))
 
 
 def rerank_neighbours(layout: ChunkLayout, vectors: np.ndarray, candidates: Neighbours, exclude_window: int,

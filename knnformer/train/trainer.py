@@ -2,6 +2,11 @@
 autocast and ``torch.compile``, periodic evaluation, atomic checkpoints, exact resume and a clean stop on Ctrl-C.
 For a Mixture-of-Experts model the weighted auxiliary losses join the cross-entropy in the backward pass, and
 each metrics line also holds ``aux_loss`` and, per MoE layer, the expert load and dropped-token share.
+
+``train()`` builds a ``Trainer`` (data, model, optimizer), starts it fresh or resumes it from the run's latest
+checkpoint, and runs it. Each step the trainer first swaps in or starts the retriever refreshes that are due
+(none for a plain run; in line, or in the background with a lag: see refresh.py), then takes one optimizer step,
+writes the metrics line, evaluates and checkpoints when due.
 """
 
 from __future__ import annotations
@@ -9,22 +14,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any
 
-import numpy as np
 import torch
 
-from knnformer.config import Config, Derived, TrainConfig, parse_schedule, resolved_lag
+from knnformer.config import Config, Derived, parse_schedule, resolved_lag
 from knnformer.data.datastore import Datastore
 from knnformer.io import atomic_write_text
 from knnformer.model.moe import StatsMeter
 from knnformer.model.transformer import Transformer
-from knnformer.run.batches import WindowSampler
 from knnformer.run.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -36,64 +38,21 @@ from knnformer.run.checkpoint import (
 from knnformer.run.refreshes import changed_share, load_refresh, prune_refreshes, refresh_folder
 from knnformer.run.vectors import frozen_vectors
 from knnformer.runtime import autocast
+from knnformer.train.inputs import estimate_loss, make_samplers, resolve_retrieval, sample_windows
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
 from knnformer.train.refresh import BackgroundRefresh, FinishedRefresh, refresh_due, refresh_neighbours
+from knnformer.train.stop import StopRequested
 
 logger = logging.getLogger(__name__)
 
-
-def sample_windows(data: np.ndarray, batch: int, context: int, generator: torch.Generator):
-    """``batch`` random windows of ``context + 1`` tokens: inputs and targets, each (B, T) int64."""
-    starts = torch.randint(len(data) - context, (batch,), generator=generator).numpy()
-    windows = torch.from_numpy(data[starts[:, None] + np.arange(context + 1)].astype(np.int64))
-    return windows[:, :-1], windows[:, 1:]
-
-
-@torch.no_grad()
-def estimate_loss(model, sampler: WindowSampler, token_bytes: torch.Tensor, cfg: TrainConfig,
-                  device: torch.device) -> dict[str, float]:
-    """Mean loss and bits per byte on ``eval_batches`` random windows, the same windows every time."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(cfg.seed + 2)
-    nll, count, num_bytes = 0.0, 0, 0
-    for _ in range(cfg.eval_batches):
-        batch = sampler.sample(cfg.batch_size, generator).to(device)
-        with autocast(cfg.dtype, device):
-            _, loss = model(batch.x, batch.y, **batch.model_inputs())
-        nll += loss.item() * batch.y.numel()
-        count += batch.y.numel()
-        num_bytes += int(token_bytes[batch.y.cpu()].sum())
-    model.train(was_training)
-    return {"valid_loss": nll / count, "valid_bpb": nll / math.log(2) / max(1, num_bytes)}
-
-
-class StopRequested:
-    """Turns the first Ctrl-C into a flag the loop checks between steps; a second one interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread: Ctrl-C is not ours to catch
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+__all__ = ["StopRequested", "TrainResult", "Trainer", "resolve_retrieval", "run_record", "sample_windows", "train"]
 
 
 @dataclass
 class TrainResult:
+    """How a call of ``train`` ended: the step reached, whether Ctrl-C stopped it, the last step's loss and the
+    last periodic evaluation ({} if none ran)."""
+
     step: int
     interrupted: bool
     last_loss: float
@@ -117,206 +76,290 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def resolve_retrieval(config: Config, datastore: Datastore):
-    """The datastore's precomputed neighbours for a retrieval run (None for a plain LM). Fills in the chunk size
-    and embedder the run then records, so evaluation can refuse neighbours built otherwise."""
-    rcfg = config.retrieval
-    if not rcfg.enabled:
-        return None, Derived()
-    from knnformer.retrieval.neighbours import load_neighbours
+@dataclass
+class StepStats:
+    """What one optimizer step reports in its metrics line."""
 
-    neighbours = load_neighbours(datastore, rcfg.search.embedder or None, rcfg.chunk_size or None, config.model.context,
-                                 rcfg.search.hops)
-    derived = Derived(chunk_size=neighbours.chunk_size, embedder=rcfg.search.embedder or neighbours.info["embedder"])
-    k = max(rcfg.num_neighbours, rcfg.eval_neighbours)
-    if k > neighbours.k:
-        raise ValueError(f"retrieval wants {k} neighbours per chunk but {datastore.path} holds {neighbours.k}; "
-                         f"rebuild with `knnformer index {datastore.path} --k {k} --force`")
-    derived.apply(rcfg).validate(config.model)
-    return neighbours, derived
+    lr: float
+    loss: float  # the cross-entropy, averaged over the accumulated micro-batches
+    aux_loss: float  # the MoE auxiliary losses, likewise (0 without MoE)
+    grad_norm: torch.Tensor | None  # before clipping; None when clipping is off
+    redrew: bool  # the step started with new Performer features
+
+
+class Trainer:
+    """One run in ``run_dir``: ``__init__`` builds the samplers, model and optimizer; ``start`` begins a new run or
+    resumes the latest checkpoint; ``run`` trains until ``config.train.steps`` or Ctrl-C. ``self.step`` counts the
+    optimizer steps taken; ``self.record`` is the run record saved as ``config.json`` and in every checkpoint."""
+
+    def __init__(self, run_dir: str | Path, datastore: Datastore, config: Config,
+                 on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu"):
+        self.run_dir, self.datastore, self.config = Path(run_dir), datastore, config
+        self.cfg, self.mcfg = config.train, config.model
+        self.on_step = on_step
+        self.device = torch.device(device)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self._setup_data()
+        self._setup_model()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.pending = None  # a refresh started but not yet swapped in (refresh.BackgroundRefresh or FinishedRefresh)
+        self.step, self.last_loss, self.valid = 0, float("nan"), {}
+        self._t_last = time.perf_counter()  # end of the last timed step: what tokens_per_s is measured from
+
+    # --- setup -------------------------------------------------------------------------------------------------
+
+    def _setup_data(self) -> None:
+        """Training windows, the neighbours of a retrieval run, the samplers and the refresh schedule."""
+        train_data = self.datastore.require_split("train", self.mcfg.context + 2)
+        self.neighbours, self.derived = resolve_retrieval(self.config, self.datastore)
+        # the config's retrieval section with the neighbours' chunk size and embedder filled in (a copy)
+        rcfg = self.rcfg = self.derived.apply(self.config.retrieval)
+        # the embedder's vectors of every chunk, for a learned retriever that reads them (None otherwise)
+        self.frozen = frozen_vectors(self.datastore, rcfg) if rcfg.enabled else None
+        if self.frozen is not None:
+            self.derived = dataclasses.replace(self.derived, retriever_input_dim=int(self.frozen.shape[1]))
+        self.train_sampler, self.valid_sampler = make_samplers(self.config, self.datastore, train_data,
+                                                               self.neighbours, self.frozen)
+        self.token_bytes = torch.from_numpy(self.datastore.tokenizer.token_bytes)
+        self.learned = self.neighbours is not None and rcfg.retriever.kind == "learned"
+        self.schedule = parse_schedule(rcfg.refresh.schedule) if self.learned else []
+        self.lag = resolved_lag(rcfg.refresh.lag, self.schedule) if self.learned else 0
+
+    def _setup_model(self) -> None:
+        """The model (seeded), its optimizer, the batch generator and the run record."""
+        torch.manual_seed(self.cfg.seed)
+        self.model = Transformer(self.mcfg, self.rcfg, self.derived.retriever_input_dim).to(self.device)
+        self.optimizer = make_optimizer(self.model, self.cfg, self.rcfg.retriever.lr_scale)
+        self.generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+        self.record = run_record(self.config, self.datastore, self.derived)
+        if self.learned:
+            self.record["refresh"] = {"id": 0, "step": 0, "folder": None}  # 0: the datastore's own neighbours
+
+    def start(self, resume: bool) -> None:
+        """Resume the latest checkpoint in ``run_dir``, or begin a new run there (refused if it holds one)."""
+        if resume:
+            self._resume()
+        else:
+            if list_checkpoints(self.run_dir):
+                raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it or pick "
+                                 f"another --out")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics_path.unlink(missing_ok=True)
+        self._write_record()
+
+    def _resume(self) -> None:
+        """Weights, optimizer, step and generators of the latest checkpoint, and the neighbours it trained with
+        (and a refresh it left pending); metric lines it did not reach are dropped."""
+        ckpt = load_checkpoint(latest_checkpoint(self.run_dir), with_optimizer=True)
+        self.model.load_state_dict(ckpt["weights"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = ckpt["state"]["step"]
+        self.generator.set_state(ckpt["state"]["generator"])
+        set_rng_state(ckpt["state"]["rng"])
+        saved = ckpt["config"]
+        if self.learned and saved.get("refresh", {}).get("id"):  # the neighbours this checkpoint trained with
+            self.record["refresh"] = saved["refresh"]
+            self._use_neighbours(load_refresh(self.run_dir / self.record["refresh"]["folder"], self.datastore,
+                                              self.neighbours.layout, self.rcfg.search.hops))
+        if self.learned and saved.get("refresh_pending"):  # started before the checkpoint, not yet swapped in
+            p = self.record["refresh_pending"] = saved["refresh_pending"]
+            self.pending = FinishedRefresh(self.run_dir / p["folder"], self.datastore, self.neighbours.layout,
+                                           self.rcfg.search.hops, p["id"], p["step"], p["swap_step"])
+        _truncate_metrics(self.metrics_path, self.step)
+        logger.info("resumed from %s at step %d", ckpt["path"], self.step)
+
+    def _write_record(self) -> None:
+        atomic_write_text(self.run_dir / "config.json", json.dumps(self.record, indent=2))
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train from ``self.step`` to ``config.train.steps``; the first Ctrl-C stops after the current step with a
+        checkpoint."""
+        cfg = self.cfg
+        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.model.train()
+        self.meter = StatsMeter(self.model)
+        interrupted = False
+        with StopRequested() as stop, open(self.metrics_path, "a") as metrics:
+            self._t_last = time.perf_counter()
+            while self.step < cfg.steps:
+                refreshed = self.refresh_before_step()
+                row = self.metrics_row(self.train_step(), refreshed)
+                if self._evaluation_due():
+                    self.valid = estimate_loss(self.model, self.valid_sampler, self.token_bytes, cfg, self.device)
+                    row.update(self.valid)
+                    self._t_last = time.perf_counter()  # evaluation time is not training throughput
+                self._log(row, metrics)
+                checkpointed = self._checkpoint_due()
+                if checkpointed:
+                    self.checkpoint()
+                if stop.requested:
+                    if not checkpointed:
+                        self.checkpoint()
+                    interrupted = True
+                    break
+        self.meter.close()
+        return TrainResult(self.step, interrupted, self.last_loss, self.valid)
+
+    def train_step(self) -> StepStats:
+        """Optimizer step ``self.step``: new Performer features if due, the scheduled learning rate, gradients
+        accumulated over ``grad_accum`` micro-batches, clipping, the update; advances ``self.step``."""
+        cfg, step, model = self.cfg, self.step, self.model
+        redrew = redraw_due(step, self.mcfg)
+        if redrew:
+            redraw_step(model, step, cfg.seed)
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        loss_sum, aux_sum = 0.0, 0.0
+        self.meter.reset()
+        for _ in range(cfg.grad_accum):
+            batch = self.train_sampler.sample(cfg.batch_size, self.generator).to(self.device)
+            with autocast(cfg.dtype, self.device):
+                _, loss = self.step_model(batch.x, batch.y, **batch.model_inputs())
+            aux = model.aux_loss()
+            ((loss if aux is None else loss + aux) / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+            aux_sum += 0.0 if aux is None else aux.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.last_loss = loss_sum / cfg.grad_accum
+        return StepStats(lr, self.last_loss, aux_sum / cfg.grad_accum, grad_norm, redrew)
+
+    def metrics_row(self, stats: StepStats, refreshed: dict[str, Any]) -> dict[str, Any]:
+        """The metrics line of the step just taken: loss, learning rate, throughput since the last timed step, and
+        what applies (gradient norm, a Performer redraw, a refresh swapped in before it, MoE statistics)."""
+        now = time.perf_counter()
+        tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.mcfg.context
+        row = {"step": self.step, "loss": stats.loss, "lr": stats.lr,
+               "tokens_per_s": tokens_per_step / (now - self._t_last)}
+        self._t_last = now
+        if stats.grad_norm is not None:
+            row["grad_norm"] = float(stats.grad_norm)
+        if stats.redrew:
+            row["redraw"] = True
+        row.update(refreshed)
+        if self.meter.layers:
+            row["aux_loss"] = stats.aux_loss
+            row["moe"] = self.meter.summary()
+        return row
+
+    def _evaluation_due(self) -> bool:
+        cfg = self.cfg
+        return (self.valid_sampler is not None and cfg.eval_interval
+                and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps))
+
+    def _log(self, row: dict[str, Any], metrics: IO[str]) -> None:
+        """Write every ``log_interval``-th line and every line that reports an event; hand each to ``on_step``."""
+        if (self.step % self.cfg.log_interval == 0 or "valid_loss" in row or "redraw" in row or "refresh" in row
+                or self.step == self.cfg.steps):
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        if self.on_step is not None:
+            self.on_step(row)
+
+    def _checkpoint_due(self) -> bool:
+        return self.step % self.cfg.checkpoint_interval == 0 or self.step == self.cfg.steps
+
+    def checkpoint(self) -> None:
+        """Save a checkpoint at ``self.step``; for a learned retriever, then drop the refreshes nothing reads."""
+        if self.pending is not None:  # a checkpoint names the pending refresh's folder, so that folder must exist
+            self.pending.result()
+        state = {"generator": self.generator.get_state(), "rng": rng_state()}
+        save_checkpoint(self.run_dir, self.step, self.model, self.record, self.optimizer, state,
+                        keep=self.cfg.keep_checkpoints)
+        if self.learned:  # refreshes no kept checkpoint (nor the run) reads any more give their arrays back
+            records = [json.loads((c / "config.json").read_text()) for c in list_checkpoints(self.run_dir)]
+            records.append(self.record)
+            prune_refreshes(self.run_dir, {r[key]["folder"] for r in records for key in ("refresh", "refresh_pending")
+                                           if (r.get(key) or {}).get("folder")})
+
+    # --- refreshes of a learned retriever ----------------------------------------------------------------------
+
+    def refresh_before_step(self) -> dict[str, Any]:
+        """Swap in the pending refresh due before this step, then start the refresh scheduled here: in the
+        background when there is a lag, else in line. Returns the metrics of what was swapped in ({} if none)."""
+        refreshed = {}
+        if self.pending is not None and self.step == self.pending.swap_step:
+            refreshed = self._swap_in_pending()
+        if self._refresh_starts(self.step):
+            if self.lag and self.step > 0:  # in the background, swapped in before step + lag
+                self._start_background_refresh()
+            else:  # synchronous (and the step-0 refresh of a retriever from scratch: no neighbours before it)
+                refreshed = self._refresh_in_line()
+            self._t_last = time.perf_counter()
+        return refreshed
+
+    def _refresh_starts(self, step: int) -> bool:
+        """Whether a refresh starts before ``step``: one the schedule holds, or the step-0 one of a retriever from
+        scratch; with a lag, only if it would be swapped in before the run ends."""
+        if not self.learned:
+            return False
+        due = (step == 0 and self.rcfg.retriever.init == "scratch") or (step > 0 and refresh_due(step, self.schedule))
+        return due and (self.lag == 0 or step == 0 or step + self.lag < self.cfg.steps)
+
+    def _refresh_kwargs(self) -> dict[str, Any]:
+        rcfg = self.rcfg
+        return {"index": rcfg.refresh.index, "recall_floor": rcfg.refresh.recall_floor, "seed": self.cfg.seed,
+                "hops": rcfg.search.hops, "ef_search": rcfg.refresh.ef_search, "frozen": self.frozen,
+                "mode": rcfg.refresh.mode}
+
+    def _refresh_in_line(self) -> dict[str, Any]:
+        t_refresh, t_cpu = time.perf_counter(), time.process_time()
+        refresh_id = self.record["refresh"]["id"] + 1
+        new = refresh_neighbours(self.model, self.neighbours, self.run_dir, refresh_id, self.step,
+                                 **self._refresh_kwargs())
+        refreshed = self.swap_in(new, refresh_id, self.step)
+        refreshed["refresh_seconds"] = time.perf_counter() - t_refresh
+        refreshed["refresh_cpu_seconds"] = time.process_time() - t_cpu
+        return refreshed
+
+    def _start_background_refresh(self) -> None:
+        refresh_id, step, swap_step = self.record["refresh"]["id"] + 1, self.step, self.step + self.lag
+        self.pending = BackgroundRefresh(self.model, self.rcfg, self.neighbours, self.run_dir, refresh_id, step,
+                                         swap_step, **self._refresh_kwargs())
+        self.record["refresh_pending"] = {"id": refresh_id, "step": step, "swap_step": swap_step,
+                                          "folder": self._folder_name(refresh_id)}
+
+    def _swap_in_pending(self) -> dict[str, Any]:
+        t_wait = time.perf_counter()
+        new = self.pending.result()  # waits only if the background refresh is not done yet
+        refreshed = self.swap_in(new, self.pending.refresh_id, self.pending.step)
+        refreshed["refresh_seconds"] = time.perf_counter() - t_wait
+        refreshed["refresh_cpu_seconds"] = self.pending.cpu_seconds
+        self.pending = None
+        self._t_last = time.perf_counter()  # the pause is reported as refresh_seconds, not as throughput
+        return refreshed
+
+    def swap_in(self, new, refresh_id: int, started: int) -> dict[str, Any]:
+        """Serve ``new`` (refresh ``refresh_id``, computed from the weights before step ``started``) from now on
+        and record it in the run record; returns its metrics."""
+        info = {"refresh": refresh_id, "refresh_changed": changed_share(self.neighbours, new),
+                "refresh_recall": new.info["recall_at_10"], "refresh_started": started}
+        self._use_neighbours(new)  # swapped between two steps: no batch ever mixes two refreshes
+        self.record["refresh"] = {"id": refresh_id, "step": started, "folder": self._folder_name(refresh_id)}
+        self.record.pop("refresh_pending", None)
+        self._write_record()
+        return info
+
+    def _use_neighbours(self, new) -> None:
+        self.neighbours = new
+        self.train_sampler.neighbours = new
+        if self.valid_sampler is not None:
+            self.valid_sampler.neighbours = new
+
+    def _folder_name(self, refresh_id: int) -> str:
+        """Refresh ``refresh_id``'s folder as the run record names it: relative to the run."""
+        return str(refresh_folder(self.run_dir, refresh_id).relative_to(self.run_dir.resolve()))
 
 
 def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: bool = False,
           on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu") -> TrainResult:
     """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar."""
-    run_dir = Path(run_dir)
-    cfg, mcfg = config.train, config.model
-    device = torch.device(device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    train_data = datastore.require_split("train", mcfg.context + 2)
-    neighbours, derived = resolve_retrieval(config, datastore)
-    rcfg = derived.apply(config.retrieval)  # the user's config with the neighbours' chunk size and embedder
-    past = rcfg.enabled and "past" in rcfg.resolved_sources()
-    frozen = frozen_vectors(datastore, rcfg) if rcfg.enabled else None  # a learned retriever reading the embedder
-    if frozen is not None:
-        derived = dataclasses.replace(derived, retriever_input_dim=int(frozen.shape[1]))
-    train_sampler = WindowSampler(train_data, mcfg.context, neighbours, "train", rcfg.num_neighbours,
-                                  rcfg.continuation, past, frozen)
-    valid_data = datastore.split_tokens("valid")
-    valid_sampler = None
-    if len(valid_data) >= mcfg.context + 2:
-        valid_sampler = WindowSampler(valid_data, mcfg.context, neighbours, "valid",
-                                      rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation, past, frozen)
-    elif cfg.eval_interval:
-        logger.warning("valid split has %d tokens, too few for a window of %d: periodic evaluation is off",
-                       len(valid_data), mcfg.context + 1)
-    token_bytes = torch.from_numpy(datastore.tokenizer.token_bytes)
-    learned = neighbours is not None and rcfg.retriever.kind == "learned"
-    schedule = parse_schedule(rcfg.refresh.schedule) if learned else []
-    lag = resolved_lag(rcfg.refresh.lag, schedule) if learned else 0
-
-    def refresh_needed(step: int) -> bool:
-        return learned and ((step == 0 and rcfg.retriever.init == "scratch") or (step > 0 and refresh_due(step, schedule)))
-
-    def use_neighbours(new) -> None:
-        train_sampler.neighbours = new
-        if valid_sampler is not None:
-            valid_sampler.neighbours = new
-
-    torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg, rcfg, derived.retriever_input_dim).to(device)
-    optimizer = make_optimizer(model, cfg, rcfg.retriever.lr_scale)
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
-    record = run_record(config, datastore, derived)
-    if learned:
-        record["refresh"] = {"id": 0, "step": 0, "folder": None}  # 0: the datastore's own neighbours
-    pending = None  # a refresh started but not yet swapped in (refresh.BackgroundRefresh or FinishedRefresh)
-    start_step = 0
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        ckpt = load_checkpoint(latest_checkpoint(run_dir), with_optimizer=True)
-        model.load_state_dict(ckpt["weights"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["state"]["step"]
-        generator.set_state(ckpt["state"]["generator"])
-        set_rng_state(ckpt["state"]["rng"])
-        if learned and ckpt["config"].get("refresh", {}).get("id"):  # the neighbours this checkpoint trained with
-            record["refresh"] = ckpt["config"]["refresh"]
-            neighbours = load_refresh(run_dir / record["refresh"]["folder"], datastore, neighbours.layout,
-                                      rcfg.search.hops)
-            use_neighbours(neighbours)
-        if learned and ckpt["config"].get("refresh_pending"):  # started before the checkpoint, not yet swapped in
-            p = record["refresh_pending"] = ckpt["config"]["refresh_pending"]
-            pending = FinishedRefresh(run_dir / p["folder"], datastore, neighbours.layout, rcfg.search.hops, p["id"],
-                                      p["step"], p["swap_step"])
-        _truncate_metrics(metrics_path, start_step)
-        logger.info("resumed from %s at step %d", ckpt["path"], start_step)
-    else:
-        if list_checkpoints(run_dir):
-            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or pick another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.unlink(missing_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2))
-
-    step_model = torch.compile(model) if cfg.compile else model
-    model.train()
-    meter = StatsMeter(model)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * mcfg.context
-
-    def checkpoint(step: int) -> None:
-        if pending is not None:  # a checkpoint names the pending refresh's folder, so that folder must exist
-            pending.result()
-        state = {"generator": generator.get_state(), "rng": rng_state()}
-        save_checkpoint(run_dir, step, model, record, optimizer, state, keep=cfg.keep_checkpoints)
-        if learned:  # refreshes no kept checkpoint (nor the run) reads any more give their arrays back
-            records = [json.loads((c / "config.json").read_text()) for c in list_checkpoints(run_dir)] + [record]
-            prune_refreshes(run_dir, {r[key]["folder"] for r in records for key in ("refresh", "refresh_pending")
-                                      if (r.get(key) or {}).get("folder")})
-
-    def swap_in(new, refresh_id: int, started: int) -> dict:
-        """Serve ``new`` (refresh ``refresh_id``, computed from the weights before step ``started``) from now on."""
-        nonlocal neighbours
-        info = {"refresh": refresh_id, "refresh_changed": changed_share(neighbours, new),
-                "refresh_recall": new.info["recall_at_10"], "refresh_started": started}
-        neighbours = new
-        use_neighbours(new)  # swapped between two steps: no batch ever mixes two refreshes
-        record["refresh"] = {"id": refresh_id, "step": started,
-                             "folder": str(refresh_folder(run_dir, refresh_id).relative_to(run_dir.resolve()))}
-        record.pop("refresh_pending", None)
-        atomic_write_text(run_dir / "config.json", json.dumps(record, indent=2))
-        return info
-
-    step, loss_value, valid = start_step, float("nan"), {}
-    interrupted = False
-    with StopRequested() as stop, open(metrics_path, "a") as metrics:
-        t_last = time.perf_counter()
-        while step < cfg.steps:
-            refreshed = {}
-            if pending is not None and step == pending.swap_step:
-                t_wait = time.perf_counter()
-                new = pending.result()  # waits only if the background refresh is not done yet
-                refreshed = swap_in(new, pending.refresh_id, pending.step)
-                refreshed["refresh_seconds"] = time.perf_counter() - t_wait
-                refreshed["refresh_cpu_seconds"] = pending.cpu_seconds
-                pending = None
-                t_last = time.perf_counter()  # the pause is reported as refresh_seconds, not as throughput
-            if refresh_needed(step) and (lag == 0 or step == 0 or step + lag < cfg.steps):
-                t_refresh = time.perf_counter()
-                refresh_id = record["refresh"]["id"] + 1
-                kwargs = dict(index=rcfg.refresh.index, recall_floor=rcfg.refresh.recall_floor, seed=cfg.seed,
-                              hops=rcfg.search.hops, ef_search=rcfg.refresh.ef_search, frozen=frozen,
-                              mode=rcfg.refresh.mode)
-                if lag and step > 0:  # in the background, swapped in before step + lag
-                    pending = BackgroundRefresh(model, rcfg, neighbours, run_dir, refresh_id, step, step + lag,
-                                                **kwargs)
-                    record["refresh_pending"] = {
-                        "id": refresh_id, "step": step, "swap_step": step + lag,
-                        "folder": str(refresh_folder(run_dir, refresh_id).relative_to(run_dir.resolve()))}
-                else:  # synchronous (and the step-0 refresh of a retriever from scratch: no neighbours before it)
-                    t_cpu = time.process_time()
-                    new = refresh_neighbours(model, neighbours, run_dir, refresh_id, step, **kwargs)
-                    refreshed = swap_in(new, refresh_id, step)
-                    refreshed["refresh_seconds"] = time.perf_counter() - t_refresh
-                    refreshed["refresh_cpu_seconds"] = time.process_time() - t_cpu
-                t_last = time.perf_counter()
-            redrew = redraw_due(step, mcfg)
-            if redrew:
-                redraw_step(model, step, cfg.seed)
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss_sum, aux_sum = 0.0, 0.0
-            meter.reset()
-            for _ in range(cfg.grad_accum):
-                batch = train_sampler.sample(cfg.batch_size, generator).to(device)
-                with autocast(cfg.dtype, device):
-                    _, loss = step_model(batch.x, batch.y, **batch.model_inputs())
-                aux = model.aux_loss()
-                ((loss if aux is None else loss + aux) / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-                aux_sum += 0.0 if aux is None else aux.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_value = loss_sum / cfg.grad_accum
-            now = time.perf_counter()
-            row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / (now - t_last)}
-            t_last = now
-            if grad_norm is not None:
-                row["grad_norm"] = float(grad_norm)
-            if redrew:
-                row["redraw"] = True
-            row.update(refreshed)
-            if meter.layers:
-                row["aux_loss"] = aux_sum / cfg.grad_accum
-                row["moe"] = meter.summary()
-            if valid_sampler is not None and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.steps):
-                valid = estimate_loss(model, valid_sampler, token_bytes, cfg, device)
-                row.update(valid)
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            if step % cfg.log_interval == 0 or "valid_loss" in row or "redraw" in row or "refresh" in row or step == cfg.steps:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-            if on_step is not None:
-                on_step(row)
-            if step % cfg.checkpoint_interval == 0 or step == cfg.steps:
-                checkpoint(step)
-            if stop.requested:
-                if step % cfg.checkpoint_interval and step != cfg.steps:
-                    checkpoint(step)
-                interrupted = True
-                break
-    meter.close()
-    return TrainResult(step, interrupted, loss_value, valid)
+    trainer = Trainer(run_dir, datastore, config, on_step, device)
+    trainer.start(resume)
+    return trainer.run()
