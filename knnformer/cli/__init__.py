@@ -72,7 +72,7 @@ def cmd_prepare(args) -> int:
 # ---------------------------------------------------------------- train
 
 def resolve_train_config(args, store, run_dir: Path):
-    from knnformer.config import config_from_dict, load_config, parse_override
+    from knnformer.config import apply_overrides, config_from_dict, load_config
 
     if args.resume:
         record_path = run_dir / "config.json"
@@ -81,15 +81,7 @@ def resolve_train_config(args, store, run_dir: Path):
         record = json.loads(record_path.read_text())
         if record["datastore"]["tokenizer_fingerprint"] != store.manifest["tokenizer"]["fingerprint"]:
             raise ValueError(f"{store.path} was built with another tokenizer than the run in {run_dir}")
-        values = record["config"]
-        for text in args.set or []:
-            parts, value = parse_override(text)
-            node = values
-            for part in parts[:-1]:
-                if part not in node or not isinstance(node[part], dict):
-                    raise ValueError(f"unknown config key {'.'.join(parts)!r}")
-                node = node[part]
-            node[parts[-1]] = value
+        values = apply_overrides(record["config"], args.set or [], strict=True)
         if args.config:
             say("--config is ignored with --resume: the run's saved config is used (change it with --set)")
         return config_from_dict(values)
