@@ -208,34 +208,9 @@ def cmd_generate(args) -> int:
     if len(ids) > model.config.context:
         raise ValueError(f"the prompt is {len(ids)} tokens, longer than the model's context of "
                          f"{model.config.context}; shorten it")
-    rcfg = record["config"]["retrieval"]
     retrieving = None
-    if rcfg["enabled"] and args.retrieval != "off" or args.show_neighbours or args.json:
-        from knnformer.retrieval.live import open_retriever
-        from knnformer.run.refreshes import open_run_retriever
-        from knnformer.run.vectors import frozen_vectors, reads_embedder
-
-        try:
-            # a learned run that refreshed searches its own last refresh with its own retriever
-            retriever = (open_run_retriever(model, store, args.run, record) if rcfg["enabled"] else None) \
-                or open_retriever(store)
-        except ValueError as e:
-            if rcfg["enabled"] and args.retrieval != "off":
-                raise ValueError(f"this run retrieves while it generates: {e}; or pass --retrieval off") from None
-            raise
-        if rcfg["enabled"] and retriever.layout.chunk_size != rcfg["chunk_size"]:
-            raise ValueError(f"the index of {store.path} has chunk size {retriever.layout.chunk_size}, the run "
-                             f"{rcfg['chunk_size']}; rebuild with `knnformer index {store.path} --chunk-size "
-                             f"{rcfg['chunk_size']} --force`")
-        k = (rcfg["eval_neighbours"] or rcfg["num_neighbours"]) if rcfg["enabled"] else args.k
-        retriever.hops = rcfg.get("hops", 1) if rcfg["enabled"] else 1  # search as the run was trained
-        feed = rcfg["enabled"] and args.retrieval != "off"
-        frozen = None
-        if feed and reads_embedder(rcfg):  # the relevance bias reads the frozen embedder's vectors
-            from knnformer.retrieval.embedders import make_embedder
-
-            frozen = (make_embedder(rcfg["embedder"]), frozen_vectors(store, rcfg))
-        retrieving = RetrievingGenerator(model, retriever, k, rcfg["continuation"], feed_model=feed, frozen=frozen)
+    if record["config"]["retrieval"]["enabled"] and args.retrieval != "off" or args.show_neighbours or args.json:
+        retrieving = RetrievingGenerator.for_run(model, store, args.run, record, args.retrieval, args.k)
         new_ids = retrieving.sample(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                     tokenizer.eot_id)
     else:
