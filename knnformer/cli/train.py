@@ -39,7 +39,7 @@ def resolve_train_config(args, store, run_dir: Path):
     return config
 
 
-def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool = False) -> "object":
+def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool = False) -> object:
     """Train (or resume) the run behind a progress bar: loss, median tokens/s and MoE statistics in its postfix,
     evaluations and events above it. Raises ``Interrupted`` when training was stopped on request."""
     from knnformer.train.trainer import train

@@ -138,7 +138,7 @@ class RetrievingGenerator:
 
     @classmethod
     def for_run(cls, model: Transformer, store, run_dir, record: dict, retrieval: str = "auto",
-                k: int = 2) -> "RetrievingGenerator":
+                k: int = 2) -> RetrievingGenerator:
         """The generator of a saved run, searching as the run was trained (``open_generation_retriever``): a
         retrieval run feeds its neighbours to the model unless ``retrieval`` is ``"off"``, with its own number of
         neighbours; a plain LM (or ``"off"``) only searches, ``k`` neighbours a chunk, to show what served each."""
