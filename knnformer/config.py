@@ -614,12 +614,29 @@ def load_config(preset: str | None = None, overrides: list[str] = ()) -> Config:
         if not isinstance(loaded, dict):
             raise ValueError(f"config preset {path} must be a mapping of sections")
         values = loaded
+    return config_from_dict(apply_overrides(values, overrides))
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str] = (), strict: bool = False) -> dict[str, Any]:
+    """Set each ``section.field=value`` override (``--set``) in a nested mapping of config values, in order, and
+    return the mapping (changed in place). A section missing from ``values`` is created, unless ``strict``: then
+    ``values`` is a whole saved config and a path through a missing section or a field names an unknown key.
+    Unknown fields are left for the dataclass merge to name (``config_from_dict``, ``merge_config``)."""
     for text in overrides:
         parts, value = parse_override(text)
         node = values
         for part in parts[:-1]:
+            if strict and (part not in node or not isinstance(node[part], dict)):
+                raise ValueError(f"unknown config key {'.'.join(parts)!r}")
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"--set {text!r}: {part!r} is not a section")
         node[parts[-1]] = value
-    return config_from_dict(values)
+    return values
+
+
+def merge_config(config: Any, values: dict[str, Any]) -> Any:
+    """Merge a nested mapping into a config dataclass (any, such as the LRA experiment's), checking each key and
+    value against its fields as ``config_from_dict`` does; returns ``config``, not validated."""
+    _merge(config, values, "")
+    return config

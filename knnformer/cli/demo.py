@@ -7,6 +7,7 @@ Running it again resumes the run where it stopped (``--fresh`` starts over).
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import sysconfig
@@ -43,7 +44,7 @@ def step(message: str) -> None:
 
 
 def run_demo(out: Path, fresh: bool = False, steps: int | None = None) -> None:
-    from knnformer.cli import train_with_progress
+    from knnformer.cli.train import train_with_progress
     from knnformer.config import load_config
     from knnformer.data.corpus import Document, assign_splits
     from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
@@ -103,3 +104,17 @@ def run_demo(out: Path, fresh: bool = False, steps: int | None = None) -> None:
         sys.stdout.flush()
     print(f"\n\ndemo finished in {time.perf_counter() - t0:.0f}s. Next: `knnformer generate {run_dir} --prompt "
           f"'import '`, or train on your own text with `knnformer prepare` and `knnformer train`.")
+
+
+def cmd_demo(args) -> int:
+    run_demo(Path(args.out), fresh=args.fresh, steps=args.steps)
+    return 0
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    s = sub.add_parser("demo", help="prepare, train, evaluate and sample on Python's own standard library")
+    s.add_argument("--out", default="knnformer-demo", help="folder for the demo's datastore and run")
+    s.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
+    s.add_argument("--fresh", action="store_true", help="start the demo run over instead of resuming it")
+    s.set_defaults(func=cmd_demo)
+    return s

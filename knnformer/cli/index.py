@@ -1,6 +1,6 @@
 """``knnformer index DATASTORE``: chunk, embed, index and precompute neighbours, then print a summary.
 
-Wired into ``cli.py`` by ``add_index_parser(sub)``; it shares the top-level ``--quiet`` flag.
+Wired into ``knnformer/cli/__init__.py`` by ``add_index_parser(sub)``; it shares the top-level ``--quiet`` flag.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class _Bars:
 
     def __call__(self, stage: str, total: int):
         self.close()
-        self.bar = tqdm(total=total, unit="chunk", unit_scale=True, desc=stage, disable=self.disable, dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="chunk", unit_scale=True, desc=stage, disable=self.disable,
+                        dynamic_ncols=True)
         return self.bar.update
 
     def close(self):
@@ -42,8 +43,8 @@ def format_summary(path: str, section: dict, seconds: float) -> str:
         ("chunks", f"{chunks['num_chunks']:,} of {chunks['chunk_size']} tokens ({split})"),
         ("embedder", index["embedder"] + (f" (dim {index['dim']})" if index["dim"] else " (sparse)")
          + (f", embedded in {emb['seconds']:.1f}s" if emb.get("fingerprint") == index["embedder_fingerprint"] else "")),
-        ("index", f"{index['kind']}, {index['num_vectors']:,} train chunks, {index['bytes_per_chunk']:,.0f} bytes/chunk, "
-                  f"built in {index['build_seconds']:.1f}s"),
+        ("index", (f"{index['kind']}, {index['num_vectors']:,} train chunks, "
+                   f"{index['bytes_per_chunk']:,.0f} bytes/chunk, built in {index['build_seconds']:.1f}s")),
         ("recall@10", f"{index['recall_at_10']:.4f}" + (f" vs exact on {index['recall_queries']:,} queries"
                                                          if index["recall_queries"] else " (exact search)")),
         ("neighbours", f"k={nb['k']} per chunk in {nb['seconds']:.1f}s; excluded: {rules}"

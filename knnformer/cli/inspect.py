@@ -1,7 +1,7 @@
 """``knnformer inspect RUN --chunk N``: one chunk, its neighbours and their scores under the run's current
 neighbours and, for a run whose learned retriever refreshed them, under the datastore's initial ones.
 
-Wired into ``cli.py`` by ``add_inspect_parser(sub)``.
+Wired into ``knnformer/cli/__init__.py`` by ``add_inspect_parser(sub)``.
 """
 
 from __future__ import annotations

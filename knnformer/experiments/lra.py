@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from knnformer.config import ModelConfig, TrainConfig, _merge, parse_override
+from knnformer.config import ModelConfig, TrainConfig, apply_overrides, merge_config
 from knnformer.model.layers import Block, RMSNorm, init_weights, rotary_tables
 from knnformer.runtime import autocast
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
@@ -109,14 +109,9 @@ def lra_config(preset: str, overrides: list[str] = ()) -> LRAConfig:
     """A preset, then ``section.field=value`` overrides (sections data, model, train); validated."""
     if preset not in PRESETS:
         raise ValueError(f"no LRA preset {preset!r}: pick one of {', '.join(PRESETS)}")
-    config = LRAConfig()
-    _merge(config, PRESETS[preset], "")
-    for text in overrides:
-        parts, value = parse_override(text)
-        nested: dict[str, Any] = value
-        for part in reversed(parts):
-            nested = {part: nested}
-        _merge(config, nested, "")
+    config = merge_config(LRAConfig(), PRESETS[preset])
+    for text in overrides:  # one at a time: each is checked against the fields before the next is read
+        merge_config(config, apply_overrides({}, [text]))
     config.model.causal = False
     config.model.vocab_size = len(VOCAB)
     config.model.context = config.data.max_length

@@ -1,0 +1,1 @@
+"""Serving a trained run: sampling text, with the retrieval it was trained with (``generate.py``)."""

@@ -1,5 +1,7 @@
 """Sampling with temperature, top-k and top-p over a KV cache (softmax attention) or a constant-size running
-state (Performer attention), streaming UTF-8 text as it is produced."""
+state (Performer attention), streaming UTF-8 text as it is produced; and for a retrieval run, sampling that
+retrieves at every chunk boundary (``RetrievingGenerator``, opened for a saved run by its ``for_run``), the one
+path ``knnformer generate`` and a server share."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 
 from knnformer.model.layers import empty_cache
 from knnformer.model.transformer import Transformer
+from knnformer.run.record import run_derived, run_retrieval
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -85,6 +88,37 @@ def stream_text(tokenizer, ids: Iterator[int]) -> Iterator[str]:
         yield tail
 
 
+def open_generation_retriever(model: Transformer, store, run_dir, record: dict, feed: bool) -> tuple:
+    """The retriever a run generates with and, when ``feed`` and its learned retriever reads the frozen embedder,
+    ``frozen`` = (that embedder, the datastore's vectors of every chunk) for the relevance bias; else None.
+
+    A retrieval run that refreshed searches its own last refresh with its own retriever, two hops if it trained
+    so; any other run (or a retrieval run without refreshes) the datastore's index."""
+    from knnformer.retrieval.live import open_retriever
+    from knnformer.run.record import open_run_retriever
+    from knnformer.run.vectors import frozen_vectors, reads_embedder
+
+    rcfg = run_retrieval(record)
+    try:
+        retriever = (open_run_retriever(model, store, run_dir, record) if rcfg.enabled else None) \
+            or open_retriever(store)
+    except ValueError as e:
+        if feed:
+            raise ValueError(f"this run retrieves while it generates: {e}; or pass --retrieval off") from None
+        raise
+    if rcfg.enabled and retriever.layout.chunk_size != rcfg.chunk_size:
+        raise ValueError(f"the index of {store.path} has chunk size {retriever.layout.chunk_size}, the run "
+                         f"{rcfg.chunk_size}; rebuild with `knnformer index {store.path} --chunk-size "
+                         f"{rcfg.chunk_size} --force`")
+    retriever.hops = rcfg.search.hops if rcfg.enabled else 1  # search as the run was trained
+    frozen = None
+    if feed and reads_embedder(rcfg):  # the relevance bias reads the frozen embedder's vectors
+        from knnformer.retrieval.embedders import make_embedder
+
+        frozen = (make_embedder(rcfg.search.embedder), frozen_vectors(store, rcfg, run_derived(record).retriever_input_dim))
+    return retriever, frozen
+
+
 class RetrievingGenerator:
     """Sampling from a retrieval model: at each chunk boundary of the text (prompt included) the completed chunk
     is embedded and searched in the datastore's index, and its neighbours serve the tokens that follow (RETRO).
@@ -102,6 +136,18 @@ class RetrievingGenerator:
         self.retrieved: dict[int, object] = {}  # sequence chunk index -> NeighbourBatch row
         self.query_vectors: dict[int, np.ndarray] = {}  # sequence chunk index -> frozen vector (with ``frozen``)
         self.latencies_ms: list[float] = []
+
+    @classmethod
+    def for_run(cls, model: Transformer, store, run_dir, record: dict, retrieval: str = "auto",
+                k: int = 2) -> RetrievingGenerator:
+        """The generator of a saved run, searching as the run was trained (``open_generation_retriever``): a
+        retrieval run feeds its neighbours to the model unless ``retrieval`` is ``"off"``, with its own number of
+        neighbours; a plain LM (or ``"off"``) only searches, ``k`` neighbours a chunk, to show what served each."""
+        rcfg = run_retrieval(record)
+        feed = rcfg.enabled and retrieval != "off"
+        retriever, frozen = open_generation_retriever(model, store, run_dir, record, feed)
+        k = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else k
+        return cls(model, retriever, k, rcfg.continuation, feed_model=feed, frozen=frozen)
 
     def retrieve(self, ids: list[int], chunk: int) -> None:
         import time

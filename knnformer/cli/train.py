@@ -1,0 +1,105 @@
+"""``knnformer train DATASTORE --out RUN``: resolve the run's config (a preset and ``--set`` overrides, or the
+saved config of the run to ``--resume``), then train with a progress bar that reports evaluations, Performer
+redraws and index refreshes as they happen. ``knnformer demo`` trains through ``train_with_progress`` too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tqdm import tqdm
+
+from knnformer.cli.common import Interrupted, say, write_events
+
+
+def resolve_train_config(args, store, run_dir: Path):
+    """The config to train with: the resumed run's saved one with ``--set`` applied, or ``--config`` with
+    ``--set`` and the vocabulary size taken from the datastore's tokenizer."""
+    from knnformer.config import apply_overrides, config_from_dict, load_config
+
+    if args.resume:
+        record_path = run_dir / "config.json"
+        if not record_path.exists():
+            raise ValueError(f"{run_dir} has no run to resume (no config.json)")
+        record = json.loads(record_path.read_text())
+        if record["datastore"]["tokenizer_fingerprint"] != store.manifest["tokenizer"]["fingerprint"]:
+            raise ValueError(f"{store.path} was built with another tokenizer than the run in {run_dir}")
+        values = apply_overrides(record["config"], args.set or [], strict=True)
+        if args.config:
+            say("--config is ignored with --resume: the run's saved config is used (change it with --set)")
+        return config_from_dict(values)
+    config = load_config(args.config, args.set or [])
+    vocab = store.tokenizer.vocab_size
+    if config.model.vocab_size == 0:
+        config.model.vocab_size = vocab
+    elif config.model.vocab_size < vocab:
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the datastore's tokenizer "
+                         f"({vocab}); leave it at 0 to take it from the datastore")
+    return config
+
+
+def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool = False) -> object:
+    """Train (or resume) the run behind a progress bar: loss, median tokens/s and MoE statistics in its postfix,
+    evaluations and events above it. Raises ``Interrupted`` when training was stopped on request."""
+    from knnformer.train.trainer import train
+
+    cfg = config.train
+    start = 0
+    if resume:
+        from knnformer.run.checkpoint import latest_checkpoint
+
+        start = int(latest_checkpoint(run_dir).name.split("-")[1])
+    bar = tqdm(total=cfg.steps, initial=start, unit="step", desc="training", disable=quiet, dynamic_ncols=True)
+    rates: list[float] = []
+
+    def on_step(row):
+        rates.append(row["tokens_per_s"])
+        postfix = {"loss": f"{row['loss']:.3f}", "tok/s": f"{sorted(rates[-50:])[len(rates[-50:]) // 2]:,.0f}"}
+        write_events(bar, row)
+        if "moe" in row:  # MoE: the weighted auxiliary loss and the mean dropped-token share over its layers
+            postfix["aux"] = f"{row['aux_loss']:.4f}"
+            postfix["drop"] = f"{sum(m['dropped'] for m in row['moe']) / len(row['moe']):.1%}"
+        if "valid_loss" in row:
+            bar.write(f"step {row['step']:>6}: train loss {row['loss']:.4f}  valid loss {row['valid_loss']:.4f}  "
+                      f"valid bits/byte {row['valid_bpb']:.4f}")
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+
+    try:
+        result = train(run_dir, store, config, resume=resume, on_step=on_step)
+    finally:
+        bar.close()
+    if result.interrupted:
+        say(f"stopped at step {result.step}; checkpoint saved. Continue with `knnformer train {store.path} "
+            f"--out {run_dir} --resume`")
+        raise Interrupted
+    return result
+
+
+def cmd_train(args) -> int:
+    from knnformer.data.datastore import Datastore
+
+    store = Datastore.open(args.datastore)
+    run_dir = Path(args.out)
+    config = resolve_train_config(args, store, run_dir)
+    if not args.quiet:
+        say(f"training {config.model.num_layers} layers x {config.model.dim} wide, context {config.model.context}, "
+            f"{config.train.steps} steps of {config.train.batch_size * config.train.grad_accum} sequences "
+            f"-> {run_dir}")
+    result = train_with_progress(run_dir, store, config, args.resume, args.quiet)
+    print(f"trained to step {result.step}: train loss {result.last_loss:.4f}"
+          + (f", valid loss {result.valid['valid_loss']:.4f} ({result.valid['valid_bpb']:.4f} bits/byte)"
+             if result.valid else ""))
+    return 0
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    s = sub.add_parser("train", help="train a model on a datastore")
+    s.add_argument("datastore")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--config", default=None, help="preset name (tiny, shakespeare-char, small) or YAML path")
+    s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    s.set_defaults(func=cmd_train)
+    return s
