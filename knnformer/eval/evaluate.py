@@ -3,6 +3,10 @@
 With ``stride == context`` (the default) the split is cut into consecutive windows of the model's context, the
 exhaustive form of nanoGPT's estimate. With a smaller stride, windows overlap and each scores only the tokens
 the previous windows did not, so every token is predicted from at least ``context - stride`` tokens of history.
+
+A retrieval model is scored with retrieval on and again off; with neighbours in the datastore come RETRO's
+overlap-filtered figures (``overlap``), what each served neighbour was worth (``gain``) and the gain of the second
+hop. kNN-LM's evaluation is ``knnformer.eval.knnlm``.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -96,22 +100,11 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
             result["retrieval_off"] = {key: figures[key] for key in ("loss", "bits_per_byte", "filtered")
                                        if key in figures}
     meter.close()
-    if use_retrieval:  # the gain of the second hop: the same run scored with either hop's neighbours
-        hops = rcfg.search.hops
-        try:
-            other = run_neighbours(record, store, True, run_dir, hops=3 - hops)
-        except ValueError:
-            other = None  # the datastore (or refresh) holds one hop only
-        if other is not None:
-            total = score_tokens(model, tokens, token_bytes, stride, batch_size, dtype, None, neighbour_fn(other))
-            bpb = {hops: result["bits_per_byte"], 3 - hops: summarize(total, split, stride, context)["bits_per_byte"]}
-            result["second_hop"] = {
-                "trained_with_hops": hops, "bits_per_byte_hop1": bpb[1], "bits_per_byte_hop2": bpb[2],
-                "gain": bpb[1] - bpb[2],
-                "sign": "bits per byte with hop-1 neighbours minus with hop-2 neighbours: positive = the second "
-                        "hop helped",
-                **({"note": "this run trained on hop-1 neighbours; it reads hop-2 neighbours at evaluation only"}
-                   if hops == 1 else {})}
+    if use_retrieval:
+        hop = second_hop(model, record, store, run_dir, tokens, split, stride, batch_size, neighbour_fn,
+                         result["bits_per_byte"])
+        if hop is not None:
+            result["second_hop"] = hop
     if use_retrieval and gain_windows > 0:
         result["neighbour_gain"] = {"embedder": neighbours.info["embedder"],
                                     **neighbour_gain(model, tokens, nb_fn, gain_windows, dtype, batch_size)}
@@ -125,6 +118,31 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     if neighbours is not None:
         result["neighbours"] = {"embedder": neighbours.info["embedder"], "k": k, "chunk_size": neighbours.chunk_size}
     return result
+
+
+def second_hop(model, record: dict, store, run_dir: str | Path, tokens: np.ndarray, split: str, stride: int,
+               batch_size: int, neighbour_fn: Callable[[Any], NeighbourFn], bits_per_byte: float) -> dict | None:
+    """The gain of the second hop: the run scored with the other hop's neighbours (``neighbour_fn(neighbours)``
+    serves them) beside ``bits_per_byte``, its figure with the hop it trained on. None when the datastore (or
+    refresh) holds one hop only."""
+    hops = run_retrieval(record).search.hops
+    try:
+        other = run_neighbours(record, store, True, run_dir, hops=3 - hops)
+    except ValueError:
+        return None  # the datastore (or refresh) holds one hop only
+    if other is None:
+        return None
+    dtype = run_config(record).train.dtype
+    total = score_tokens(model, tokens, store.tokenizer.token_bytes, stride, batch_size, dtype, None,
+                         neighbour_fn(other))
+    bpb = {hops: bits_per_byte, 3 - hops: summarize(total, split, stride, model.config.context)["bits_per_byte"]}
+    return {
+        "trained_with_hops": hops, "bits_per_byte_hop1": bpb[1], "bits_per_byte_hop2": bpb[2],
+        "gain": bpb[1] - bpb[2],
+        "sign": "bits per byte with hop-1 neighbours minus with hop-2 neighbours: positive = the second "
+                "hop helped",
+        **({"note": "this run trained on hop-1 neighbours; it reads hop-2 neighbours at evaluation only"}
+           if hops == 1 else {})}
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -1,4 +1,7 @@
-"""eval.gain: moved from evaluate."""
+"""What each served neighbour was worth: the loss of the chunk it served with that one neighbour masked out
+minus the loss with every neighbour, on a few windows of a split (``neighbour_gain``, which ``evaluate``
+reports for a retrieval model). Positive: the neighbour lowered the loss.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,10 @@
-"""eval.overlap: moved from evaluate."""
+"""RETRO's overlap filtering: how much of each evaluated chunk its retrieved neighbours already contain, and the
+bits per byte over only the chunks that overlap little.
+
+A chunk's overlap ratio r is the longest run of its tokens that also occurs, in order, in one of the neighbours
+serving it, over the chunk size. ``filtered_figures`` reports bits per byte over the chunks with r <= alpha for
+each alpha of ``ALPHAS``, so a gain from retrieval can be told apart from copying the neighbours.
+"""
 
 from __future__ import annotations
 

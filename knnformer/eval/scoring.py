@@ -1,4 +1,13 @@
-"""eval.scoring: moved from evaluate."""
+"""Scoring tokens with a model: the windows that cover a split, their batches, and the neighbours a retrieval
+model reads in each.
+
+- ``window_plan``: windows of the context at a stride, every target position 1 .. N - 1 scored by exactly one.
+- ``window_batches``: those windows batched by equal length, with the model's neighbour inputs.
+- ``NeighbourFn`` / ``neighbour_fn_for``: what serves a window its RETRO neighbours, as training served them.
+- ``score_tokens``: total (and, optionally, per-token) negative log-likelihood and bytes of a split.
+
+``evaluate``, ``gain`` and kNN-LM's hidden states all go through these, so they see the same windows.
+"""
 
 from __future__ import annotations
 

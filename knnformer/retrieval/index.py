@@ -45,16 +45,17 @@ ADD_BATCH = 65_536
 
 class SearchResult(NamedTuple):
     D: np.ndarray
-    """(nq, k) float32 scores, higher is nearer."""
+    """(nq, k) float32 scores, higher is nearer (with ``metric="l2"``: squared distances, lower is nearer)."""
     I: np.ndarray  # noqa: E741 - faiss's name
     """(nq, k) int64 train chunk ids, -1 where none."""
 
 
-def _faiss():
+def _faiss(needed_by: str = "the dense index"):
+    """The faiss module, or a ValueError saying that ``needed_by`` needs it."""
     try:
         import faiss
     except ImportError:
-        raise ValueError("the dense index needs faiss: `pip install faiss-cpu`") from None
+        raise ValueError(f"{needed_by} needs faiss: `pip install faiss-cpu`") from None
     return faiss
 
 
@@ -93,14 +94,15 @@ def choose_index_kind(n: int, d: int, memory_budget: int = DEFAULT_MEMORY_BUDGET
     return "ivfpq"
 
 
-def _nlist(n: int) -> int:
-    """Inverted lists: about 4 sqrt(n), with at least 39 training points each (faiss's k-means minimum)."""
-    return int(max(1, min(65_536, 4 * int(np.sqrt(n)), n // 39)))
+def _nlist(n: int, per_root: int = 4, min_points: int = 39) -> int:
+    """Inverted lists: about ``per_root`` sqrt(n), with at least ``min_points`` training points each (faiss's
+    k-means minimum is 39). kNN-LM's key index takes 2 and 40."""
+    return int(max(1, min(65_536, per_root * int(np.sqrt(n)), n // min_points)))
 
 
-def _pq_m(d: int) -> int:
-    """Sub-quantizers: about one byte per 8 dimensions, a divisor of d."""
-    target = max(1, d // 8)
+def _pq_m(d: int, dims_per_byte: int = 8) -> int:
+    """Sub-quantizers: about one byte per ``dims_per_byte`` dimensions, a divisor of d (kNN-LM's keys take 4)."""
+    target = max(1, d // dims_per_byte)
     return max(m for m in range(1, target + 1) if d % m == 0)
 
 
@@ -144,13 +146,7 @@ class DenseIndex:
 
     def _rescore(self, q: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of the candidates ``cand`` (nq, kk) from the stored vectors; the top ``k``, nearest first."""
-        flat = cand.reshape(-1)
-        rows, inverse = np.unique(np.maximum(flat, 0), return_inverse=True)  # sorted reads from the memory map
-        vecs = np.asarray(self.refine[rows], dtype=np.float32)[inverse].reshape(*cand.shape, -1)
-        scores = np.where(cand >= 0, np.einsum("qd,qkd->qk", q, vecs), -np.inf).astype(np.float32)
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        d, i = np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
-        return np.where(i >= 0, d, -np.inf).astype(np.float32), i
+        return rescore(self.refine, q, cand, k)
 
     def save(self, path: str | Path) -> None:
         """Write the index to ``path`` through a temporary file."""
@@ -206,19 +202,44 @@ def build_dense_index(xb: np.ndarray, kind: str, seed: int = 0, progress: Callab
     return DenseIndex(index, kind, xb if refine and kind == "ivfpq" else None)
 
 
-def exact_search(xb: np.ndarray, xq: np.ndarray, k: int, block: int = 262_144) -> SearchResult:
-    """Exact inner-product top ``k`` of ``xq`` over ``xb``, ``block`` rows of ``xb`` at a time (memory-mapped
-    ``xb`` is never loaded whole)."""
+def exact_search(xb: np.ndarray, xq: np.ndarray, k: int, block: int = 262_144, metric: str = "ip") -> SearchResult:
+    """Exact top ``k`` of ``xq`` over ``xb``, ``block`` rows of ``xb`` at a time (memory-mapped ``xb`` is never
+    loaded whole). ``metric``: ``ip`` (inner product, highest first) or ``l2`` (squared L2 distance, lowest first:
+    kNN-LM's keys)."""
     faiss = _faiss()
+    l2 = _l2(metric)
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     k = min(k, len(xb))
-    heap = faiss.ResultHeap(len(xq), k, keep_max=True)
+    heap = faiss.ResultHeap(len(xq), k, keep_max=not l2)
     for b in range(0, len(xb), block):
         with faiss_threads(len(xq) * min(block, len(xb)) * xq.shape[1]):
-            D, I = faiss.knn(xq, np.ascontiguousarray(xb[b : b + block], dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
+            D, I = faiss.knn(xq, np.ascontiguousarray(xb[b : b + block], dtype=np.float32), k,
+                             metric=faiss.METRIC_L2 if l2 else faiss.METRIC_INNER_PRODUCT)
         heap.add_result(D, np.where(I >= 0, I + b, -1))
     heap.finalize()
     return SearchResult(heap.D, heap.I)
+
+
+def rescore(xb: np.ndarray, xq: np.ndarray, cand: np.ndarray, k: int, metric: str = "ip") -> SearchResult:
+    """Exact scores of the candidates ``cand`` (nq, kk) of the float32 queries ``xq`` from the rows of ``xb`` (e.g.
+    the fp16 memory map; only the candidates' rows are read, in order); the top ``k``, nearest first. ``metric``
+    as ``exact_search``: an absent candidate (-1) scores -inf (``ip``) or inf (``l2``)."""
+    rows, inverse = np.unique(np.maximum(cand.reshape(-1), 0), return_inverse=True)  # sorted reads
+    vecs = np.asarray(xb[rows], dtype=np.float32)[inverse].reshape(*cand.shape, -1)  # (nq, kk, d)
+    if _l2(metric):
+        d = np.where(cand >= 0, ((vecs - xq[:, None, :]) ** 2).sum(-1), np.inf).astype(np.float32)
+        top = np.argsort(d, axis=1, kind="stable")[:, :k]
+        return SearchResult(np.take_along_axis(d, top, 1), np.take_along_axis(cand, top, 1))
+    scores = np.where(cand >= 0, np.einsum("qd,qkd->qk", xq, vecs), -np.inf).astype(np.float32)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    d, i = np.take_along_axis(scores, top, 1), np.take_along_axis(cand, top, 1)
+    return SearchResult(np.where(i >= 0, d, -np.inf).astype(np.float32), i)
+
+
+def _l2(metric: str) -> bool:
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"unknown metric {metric!r}; pick ip or l2")
+    return metric == "l2"
 
 
 def exact_search_excluding(xb: np.ndarray, xq: np.ndarray, k: int, lo: np.ndarray, hi: np.ndarray,

@@ -1,0 +1,345 @@
+"""kNN-LM's evaluation of a run: build or reuse the store of train keys, compute the queries' hidden states and LM
+log-probabilities, search them once with the largest k, tune on tokens that are not scored, and score.
+
+Leakage and tuning: queries from valid or test search the train keys only. lambda, k and the temperature are
+tuned on tokens that are not scored (then lambda and k once more per bin of the nearest key's distance; the JSON
+gives the one-lambda figure too): on valid when scoring test; when scoring valid, on the targets of its first
+half, and only its second half is scored.
+
+A retrieval model's hidden states (keys and queries alike) are computed with its precomputed RETRO neighbours
+when retrieval is on, the same neighbours ``evaluate`` gives it, so p_lm is the retrieval model's distribution.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from knnformer.data.datastore import Datastore
+from knnformer.eval.knnlm.search import DEFAULT_MEMORY_BUDGET, INDEX_KINDS, KeySearch, choose_index_kind, \
+    open_key_search, recall
+from knnformer.eval.knnlm.store import KnnStore, Progress, ProgressFactory, open_or_build_store, \
+    split_hidden_states, store_identity
+from knnformer.eval.knnlm.tune import LAMBDA_BINS, LAMBDAS, interpolate, interpolate_by_distance, knn_logprobs, \
+    tune, tune_by_distance
+from knnformer.eval.overlap import filtered_figures, split_overlaps
+from knnformer.eval.scoring import NeighbourFn, neighbour_fn_for
+from knnformer.io import file_sha256
+from knnformer.model.transformer import Transformer
+from knnformer.run.record import load_run, open_run_datastore, run_config, run_derived, run_neighbours, run_retrieval
+from knnformer.runtime import torch_threads
+
+DEFAULT_K_MAX = 256
+
+
+@dataclass(frozen=True)
+class KnnLmSettings:
+    """What an evaluation was asked for (``evaluate_knn_lm`` says what each means)."""
+
+    split: str = "valid"
+    datastore: str | None = None
+    batch_size: int = 32
+    retrieval: str = "auto"
+    k_max: int = DEFAULT_K_MAX
+    index: str = "auto"
+    nprobe: int = 8
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    lam: float | None = None
+    k: int | None = None
+    temperature: float | None = None
+    force: bool = False
+
+    def check(self) -> None:
+        """Refuse settings that cannot be evaluated, before anything is loaded."""
+        if self.split not in ("valid", "test"):
+            raise ValueError(f"--knn-lm scores valid or test, not {self.split!r}: the train split is the kNN-LM "
+                             f"store itself")
+        if self.k_max < 1 or (self.k is not None and not 1 <= self.k <= self.k_max):
+            raise ValueError(f"kNN-LM needs 1 <= k <= k_max, got k={self.k}, k_max={self.k_max}")
+        if self.lam is not None and not 0.0 <= self.lam < 1.0:
+            raise ValueError(f"kNN-LM lambda must be in [0, 1), got {self.lam}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"kNN-LM temperature must be positive, got {self.temperature}")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"unknown kNN-LM index {self.index!r}; pick one of {', '.join(INDEX_KINDS)}")
+
+
+@dataclass
+class _Run:
+    """The run being evaluated and what every step reads from it."""
+
+    run_dir: str | Path
+    model: Transformer
+    record: dict
+    ckpt_path: Path
+    store: Datastore
+    dtype: str
+    """The run's ``train.dtype``, which its hidden states are computed in."""
+    neighbours_for: Callable[[str], NeighbourFn] | None
+    """split -> the RETRO neighbours the model reads there; None for a plain LM or with retrieval off."""
+    progress_factory: ProgressFactory | None
+
+    def neighbours(self, split: str) -> NeighbourFn | None:
+        return self.neighbours_for(split) if self.neighbours_for else None
+
+    def progress(self, total: int, what: str) -> Progress | None:
+        return self.progress_factory(total, what) if self.progress_factory else None
+
+
+@dataclass
+class _Queries:
+    """Queries of a run of tokens: hidden states ``h`` (n, D) fp32, LM log-probabilities ``logp`` (n,) and
+    targets ``y`` (n,); once searched, squared distances ``D`` and key ids ``I`` (n, k_max) of their neighbours."""
+
+    h: np.ndarray
+    logp: np.ndarray
+    y: np.ndarray
+    D: np.ndarray | None = None
+    I: np.ndarray | None = None  # noqa: E741 - faiss's name
+
+    def distances(self) -> np.ndarray:
+        """``D`` with inf where no key was found."""
+        return np.where(self.I >= 0, self.D, np.inf)
+
+    def matches(self, values: np.ndarray) -> np.ndarray:
+        """True where a found key's value (``values``: the store's) is the query's target."""
+        return (values[np.maximum(self.I, 0)] == self.y[:, None]) & (self.I >= 0)
+
+
+def figures(nll: float, num_tokens: int, num_bytes: int) -> dict[str, float]:
+    loss = nll / max(1, num_tokens)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": nll / math.log(2) / max(1, num_bytes)}
+
+
+def _retrieval_inputs(record: dict, store: Datastore, retrieval: str, run_dir: str | Path | None = None):
+    """For a retrieval run with retrieval on: a function ``split -> NeighbourFn`` giving the model the
+    neighbours ``evaluate`` gives it (for a learned retriever, those of the run's last refresh in ``run_dir``;
+    with ``retrieval.search.sources=train,past``, merged with the document's past), and what identifies them; for
+    a plain LM (or retrieval off): None, None."""
+    from knnformer.run.vectors import frozen_vectors
+
+    if retrieval not in ("auto", "on", "off"):
+        raise ValueError(f"--retrieval must be on or off, got {retrieval!r}")
+    rcfg = run_retrieval(record)
+    if retrieval == "on" and not rcfg.enabled:
+        raise ValueError("this run was trained without retrieval; evaluate it with --retrieval off")
+    if not rcfg.enabled or retrieval == "off":
+        return None, None
+    neighbours = run_neighbours(record, store, required=True, run_dir=run_dir)
+    k, continuation = rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation
+    past = "past" in rcfg.search.sources
+    identity = {"embedder": neighbours.info["embedder_fingerprint"], "chunk_size": neighbours.chunk_size, "k": k,
+                "continuation": continuation, "neighbours_sha256": file_sha256(neighbours.ids_path)}
+    if past:  # stores built before ``past`` existed keep their identity
+        identity["past"] = True
+
+    frozen = frozen_vectors(store, rcfg, run_derived(record).retriever_input_dim)
+
+    def for_split(split: str) -> NeighbourFn:
+        return neighbour_fn_for(neighbours, split, k, continuation, past, frozen)
+
+    return for_split, identity
+
+
+def evaluate_knn_lm(run_dir: str | Path, split: str = "valid", datastore: str | None = None, batch_size: int = 32,
+                    progress_factory: ProgressFactory | None = None, retrieval: str = "auto",
+                    k_max: int = DEFAULT_K_MAX, index: str = "auto", nprobe: int = 8,
+                    memory_budget: int = DEFAULT_MEMORY_BUDGET, lam: float | None = None, k: int | None = None,
+                    temperature: float | None = None, force: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """kNN-LM figures of a run's newest checkpoint on ``split`` (valid or test), beside the LM's own on the
+    same tokens. Scoring test: tuned on valid. Scoring valid: tuned on the targets of its first half
+    ``valid[:half]``, scored on the second ``valid[half:]``. ``lam``, ``k`` and ``temperature``, when given,
+    are fixed instead of tuned. The store in ``RUN/knnlm`` is built or reused (``force`` rebuilds it).
+    ``index``: how the keys are searched (``auto``, ``exact``, ``ivf``, ``ivfpq``; ``nprobe`` lists a query,
+    ``memory_budget`` for ``auto``). ``threads``: torch threads (None: the run's ``train.threads``; 0: torch's
+    default).
+
+    Memory: the queries' hidden states (tuning and scored tokens, fp32) and their ``k_max`` neighbours'
+    distances and ids; the keys stay memory-mapped, and an ``ivf`` index holds them in fp16."""
+    t_start = time.perf_counter()
+    settings = KnnLmSettings(split, datastore, batch_size, retrieval, k_max, index, nprobe, memory_budget, lam, k,
+                             temperature, force)
+    settings.check()
+    model, record, ckpt_path = load_run(run_dir)
+    if threads is None:
+        threads = run_config(record).train.threads
+    with torch_threads(threads):
+        return _evaluate(run_dir, model, record, ckpt_path, settings, progress_factory, t_start)
+
+
+def _evaluate(run_dir: str | Path, model: Transformer, record: dict, ckpt_path: Path, s: KnnLmSettings,
+              progress_factory: ProgressFactory | None, t_start: float) -> dict[str, Any]:
+    """``evaluate_knn_lm`` once the run is loaded, under its torch threads: store, queries, search, tuning."""
+    store = open_run_datastore(record, s.datastore)
+    nb_for, nb_identity = _retrieval_inputs(record, store, s.retrieval, run_dir)
+    run = _Run(run_dir, model, record, ckpt_path, store, run_config(record).train.dtype, nb_for, progress_factory)
+    seconds = {}
+
+    t0 = time.perf_counter()
+    knn_store, reused = _train_keys(run, s, nb_identity)
+    seconds["store"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tuning, scored, split_info = _queries(run, s)
+    if s.lam is not None and s.k is not None and s.temperature is not None:
+        split_info["tuned_on"] = None  # all three given
+    seconds["queries"] = time.perf_counter() - t0
+
+    search, index_info, k_max = _search(run, s, knn_store, tuning, scored, seconds)
+
+    t0 = time.perf_counter()
+    token_bytes = np.asarray(store.tokenizer.token_bytes)
+    num_bytes = int(token_bytes[scored.y].sum())
+    by_distance = split_info["tuned_on"] is not None and s.lam is None
+    tuned, binned, single, logp = _tune_and_interpolate(s, tuning, scored, knn_store.values, by_distance)
+    single = figures(float(-single.sum()), len(scored.y), num_bytes)
+    seconds["tuning"] = time.perf_counter() - t0
+
+    with_knn = figures(float(-logp.sum()), len(scored.y), num_bytes)
+    lm_alone = figures(float(-np.sum(scored.logp)), len(scored.y), num_bytes)
+    _add_filtered(run, s.split, split_info["scored_targets"][0], scored, logp, token_bytes, with_knn, lm_alone)
+    index_info["recall_at_k"] = round(recall(search, scored.h, tuned["k"]), 4)
+    if search.index is not None:
+        index_info["nprobe"] = s.nprobe
+    seconds = {key: round(value, 3) for key, value in seconds.items()}
+    return {
+        "split": s.split, **split_info,
+        "tokens": len(scored.y), "bytes": num_bytes, **with_knn,
+        "lm": lm_alone,
+        "lambda": tuned["lambda"], "k": tuned["k"], "temperature": tuned["temperature"],
+        "lambda_by_distance": binned,  # None: one lambda and k for every query
+        "single_lambda": {key: single[key] for key in ("loss", "bits_per_byte")},
+        "tuning": {key: tuned[key] for key in ("tokens", "loss", "lm_loss", "lambdas", "ks", "temperatures",
+                                               "best_by_k")},
+        "retrieval": "on" if nb_for else "off",
+        "store": {"path": str(knn_store.path), "keys": knn_store.num_keys, "dim": knn_store.dim,
+                  "bytes": knn_store.nbytes(), "reused": reused},
+        "index": index_info, "k_max": k_max,
+        "search_seconds": seconds["search"],
+        "seconds": {**seconds, "total": round(time.perf_counter() - t_start, 3)},
+        "checkpoint": str(ckpt_path), "step": int(Path(ckpt_path).name.split("-")[1]),
+    }
+
+
+def _train_keys(run: _Run, s: KnnLmSettings, nb_identity: dict | None) -> tuple[KnnStore, bool]:
+    """The store of train keys, reused or built; and whether it was reused."""
+    train_tokens = run.store.require_split("train", 2)
+    identity = store_identity(run.record, run.ckpt_path, run.store, nb_identity, run.dtype, run.model.config.context)
+    progress = run.progress(len(train_tokens) - 1, "kNN-LM store (train keys)")
+    return open_or_build_store(run.run_dir, run.model, identity, train_tokens, s.batch_size, run.dtype,
+                               run.neighbours("train"), progress, s.force)
+
+
+def _split_queries(run: _Run, s: KnnLmSettings, name: str) -> _Queries:
+    """Hidden states and LM log-probabilities of every target of the split ``name``."""
+    tokens = run.store.require_split(name, 4 if name == "valid" and s.split == "valid" else 2)
+    h = np.empty((len(tokens) - 1, run.model.config.dim), dtype=np.float32)
+    logp = split_hidden_states(run.model, tokens, h, s.batch_size, run.dtype,
+                               run.neighbours(name), run.progress(len(tokens) - 1, f"kNN-LM queries ({name})"),
+                               logprobs=True)
+    return _Queries(h, logp, np.asarray(tokens[1:], dtype=np.int64))
+
+
+def _queries(run: _Run, s: KnnLmSettings) -> tuple[_Queries, _Queries, dict[str, Any]]:
+    """The tuning and the scored queries, and which targets each covers (see the module's docstring)."""
+    if s.split == "valid":
+        valid = _split_queries(run, s, "valid")
+        n = len(valid.y)
+        half = (n + 1) // 2  # targets are tokens 1 .. N - 1; rows below half - 1 tune
+        rows = slice(0, half - 1), slice(half - 1, n)
+        tuning, scored = (_Queries(valid.h[r], valid.logp[r], valid.y[r]) for r in rows)
+        return tuning, scored, {"tuned_on": "valid[:half]", "scored": "valid[half:]", "half": half,
+                                "tuned_targets": [1, half], "scored_targets": [half, n + 1]}
+    tuning, scored = _split_queries(run, s, "valid"), _split_queries(run, s, s.split)
+    return tuning, scored, {"tuned_on": "valid", "scored": s.split,
+                            "tuned_targets": [1, len(tuning.y) + 1], "scored_targets": [1, len(scored.y) + 1]}
+
+
+def _search(run: _Run, s: KnnLmSettings, knn_store: KnnStore, tuning: _Queries, scored: _Queries,
+            seconds: dict[str, float]) -> tuple[KeySearch, dict, int]:
+    """One search of every query with the largest k, filling their ``D`` and ``I``. Returns the search, a note
+    on its index and the k searched."""
+    if s.k is not None and s.k > knn_store.num_keys:
+        raise ValueError(f"kNN-LM k={s.k} is more than the {knn_store.num_keys} keys of the store; lower k")
+    k_max = min(s.k_max, knn_store.num_keys)
+    num_queries = len(tuning.h) + len(scored.h)
+    kind = s.index
+    if kind == "auto":
+        kind = choose_index_kind(knn_store.num_keys, knn_store.dim, num_queries, s.memory_budget)
+    t0 = time.perf_counter()
+    search, index_info = open_key_search(knn_store, kind, s.nprobe, progress_factory=run.progress_factory)
+    seconds["index"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bar = run.progress(num_queries, "kNN-LM search")
+    tuning.D, tuning.I = search.search(tuning.h, k_max, progress=bar)
+    scored.D, scored.I = search.search(scored.h, k_max, progress=bar)
+    seconds["search"] = time.perf_counter() - t0
+    return search, index_info, k_max
+
+
+def _tune_and_interpolate(s: KnnLmSettings, tuning: _Queries, scored: _Queries, values: np.ndarray,
+                          by_distance: bool) -> tuple[dict, dict | None, torch.Tensor, torch.Tensor]:
+    """Tune on ``tuning`` (what ``s`` fixes stays fixed) and interpolate ``scored``'s log-probabilities. With
+    ``by_distance`` and at least two bins of tuning queries, lambda and k are tuned again per nearest-distance
+    bin. Returns the tuning, the bins (None when not binned), the one-lambda and the final log-probabilities."""
+    ks = [s.k] if s.k is not None else None
+    temperatures = [s.temperature] if s.temperature is not None else None
+    lambdas = [s.lam] if s.lam is not None else LAMBDAS
+    tuned = tune(tuning.logp, tuning.distances(), tuning.matches(values), lambdas, ks, temperatures)
+    knn = knn_logprobs(scored.distances(), scored.matches(values), tuned["temperature"])
+    single = interpolate(scored.logp, knn[:, tuned["k"] - 1], tuned["lambda"])
+    bins = min(LAMBDA_BINS, len(tuning.y) // 1000) if by_distance else 1
+    if bins <= 1:
+        return tuned, None, single, single
+    binned = tune_by_distance(tuning.logp, tuning.distances(), tuning.matches(values), tuned, lambdas, bins)
+    logp = interpolate_by_distance(scored.logp, scored.distances(), scored.matches(values), tuned["temperature"],
+                                   binned)
+    return tuned, binned, single, logp
+
+
+def _add_filtered(run: _Run, split: str, first: int, scored: _Queries, logp: torch.Tensor, token_bytes: np.ndarray,
+                  with_knn: dict, lm_alone: dict) -> None:
+    """RETRO's overlap-filtered figures, with the chunks bucketed by the datastore's chunk neighbours (as evaluate
+    buckets a plain LM), so a kNN-LM gain can be read beside the part of it that is copying; nothing without
+    chunk neighbours. ``first``: the first scored target."""
+    chunk_neighbours = run_neighbours(run.record, run.store, required=False, run_dir=run.run_dir)
+    if chunk_neighbours is None:
+        return
+    rcfg = run_retrieval(run.record)
+    kk = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else min(2, chunk_neighbours.k)
+    overlaps = split_overlaps(chunk_neighbours, run.store.require_split(split, 2), split, kk, rcfg.continuation)
+    with_knn["filtered"] = filtered_figures(-logp.numpy(), scored.y, token_bytes, overlaps,
+                                            chunk_neighbours.chunk_size, first)
+    lm_alone["filtered"] = filtered_figures(-np.asarray(scored.logp), scored.y, token_bytes, overlaps,
+                                            chunk_neighbours.chunk_size, first)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The kNN-LM rows of ``evaluate``'s summary table."""
+    r = result
+    rows = [("kNN-LM scored", f"{r['scored']} ({r['tokens']:,} tokens), tuned on {r['tuned_on']}"),
+            ("kNN-LM loss", f"{r['loss']:.4f} (LM alone {r['lm']['loss']:.4f}, "
+                            f"{(r['loss'] / r['lm']['loss'] - 1) * 100:+.1f}%)"),
+            ("kNN-LM bits per byte", f"{r['bits_per_byte']:.4f} (LM alone {r['lm']['bits_per_byte']:.4f})"),
+            *([("kNN-LM, overlap <= 0.125", f"{r['filtered']['0.125']['bits_per_byte']:.4f} bits/byte (LM alone "
+                                               f"{r['lm']['filtered']['0.125']['bits_per_byte']:.4f}; "
+                                               f"{r['filtered']['0.125']['fraction']:.0%} of chunks)")]
+              if "filtered" in r else []),
+            ("kNN-LM lambda, k, temp.", f"{r['lambda']:.2f}, {r['k']}, {r['temperature']:.4g}"
+                                        + (f"; per distance bin ({len(r['lambda_by_distance']['lambda'])} bins): "
+                                           f"lambda {min(r['lambda_by_distance']['lambda']):.2f}-"
+                                           f"{max(r['lambda_by_distance']['lambda']):.2f}, one lambda "
+                                           f"{r['single_lambda']['loss']:.4f}" if r.get("lambda_by_distance") else "")),
+            ("kNN-LM store", f"{r['store']['keys']:,} keys x {r['store']['dim']}, "
+                             f"{r['store']['bytes'] / 2**20:.0f} MiB ({'reused' if r['store']['reused'] else 'built'})"),
+            ("kNN-LM search", f"{r['index']['kind']}, recall@{r['k']} {r['index']['recall_at_k']:.3f}, "
+                              f"{r['search_seconds']:.1f}s; {r['seconds']['total']:.1f}s in all")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
