@@ -40,8 +40,9 @@ from knnformer.config import load_config
 from knnformer.data.datastore import Datastore
 from knnformer.eval.evaluate import evaluate_run
 from knnformer.model.transformer import Transformer, flops_per_token
+from knnformer.train.inputs import sample_windows
 from knnformer.train.optim import make_optimizer
-from knnformer.train.trainer import sample_windows, train
+from knnformer.train.trainer import train
 
 VARIANTS = {  # model.* overrides; "half" is replaced by F/2
     "dense": [],

@@ -36,13 +36,13 @@ def measure(store, preset: str, sets: list[str], dtype: str, steps: int, warmup:
             frozen: bool = False) -> dict:
     """Median step times of dense and the retrieval model ``sets`` (and, with ``frozen``, the default frozen
     retrieval model too), their steps interleaved."""
-    from knnformer.run.batches import WindowSampler
     from knnformer.config import load_config
     from knnformer.model.transformer import Transformer
+    from knnformer.run.batches import WindowSampler
     from knnformer.run.vectors import frozen_vectors
     from knnformer.runtime import autocast
+    from knnformer.train.inputs import resolve_retrieval
     from knnformer.train.optim import make_optimizer
-    from knnformer.train.trainer import resolve_retrieval
 
     def setup(retrieval: bool, extra: list[str]):
         cfg = load_config(preset, [f"train.dtype={dtype}"] + (["retrieval.enabled=true"] + extra if retrieval else []))

@@ -36,8 +36,8 @@ from bench.matmul_peak import measure_peaks
 from knnformer.config import ModelConfig, TrainConfig
 from knnformer.model.transformer import Transformer, flops_per_token
 from knnformer.runtime import autocast
+from knnformer.train.inputs import sample_windows
 from knnformer.train.optim import lr_at, make_optimizer
-from knnformer.train.trainer import sample_windows
 
 # name: (layers, heads, width, context, batch); vocabulary: 256 bytes
 SETTINGS = {

@@ -38,14 +38,13 @@ from knnformer.run.checkpoint import (
 from knnformer.run.refreshes import changed_share, load_refresh, prune_refreshes, refresh_folder
 from knnformer.run.vectors import frozen_vectors
 from knnformer.runtime import autocast
-from knnformer.train.inputs import estimate_loss, make_samplers, resolve_retrieval, sample_windows
+from knnformer.train.inputs import estimate_loss, make_samplers, resolve_retrieval
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
 from knnformer.train.refresh import BackgroundRefresh, FinishedRefresh, refresh_due, refresh_neighbours
 from knnformer.train.stop import StopRequested
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StopRequested", "TrainResult", "Trainer", "resolve_retrieval", "run_record", "sample_windows", "train"]
 
 
 @dataclass
