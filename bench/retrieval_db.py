@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = "../shared/data"
 WORK = ROOT / "bench" / "work" / "retrieval-db"
 PRESET = "shakespeare-char"  # 4 layers x 128, context 64, batch 12: the issue-3 setting
-STEPS = 2000
+STEPS = 1000
 RETRO_STEP_RATIO = 1.17  # bench/retro_step.py, sympy BPE 4096, K = 1, encoder D/4 (BENCHMARKS.md, issue 3)
 RETRO_SETS = ["retrieval.enabled=true", "retrieval.num_neighbours=1", "retrieval.encoder_dim=32"]
 

@@ -48,7 +48,6 @@ def setup(tmp_path_factory):
     assert main(["-q", "train", str(tmp / "store"), "--out", str(tmp / "retro"), "--config", "tiny",
                  "--set", "train.steps=15", "--set", "retrieval.enabled=true"]) == 0
     other = make_corpus(tmp / "other", num_docs=6, seed=7)
-    lo, hi = store.split_range("valid")
     valid_row = int(np.nonzero(np.asarray(store.docs["split"]) == 1)[0][0])
     src = Path(store.manifest["sources"][0]) / store.doc_ids[valid_row]
     shutil.copy(src, other / "copied-under-another-name.txt")
@@ -174,3 +173,37 @@ def test_bad_databases_give_one_line_errors(setup, capsys, tmp_path):
     assert "0 train chunks" in err or "no index" in err
     # --tokenizer-from something that is neither a run nor a datastore
     assert "neither a run" in error(capsys, "prepare", other, "--out", tmp_path / "x", "--tokenizer-from", tmp_path)
+
+
+@pytest.mark.parametrize("run_name", ["dense", "retro"])
+def test_generate_shows_which_database_file_served_each_chunk(setup, capsys, run_name):
+    code, out, _ = run(capsys, "generate", setup / run_name, "--prompt", "the model reads its corpus",
+                       "--max-new-tokens", "12", "--seed", "0", "--retrieval-db", setup / "db", "--json")
+    r = json.loads(out)
+    assert code == 0 and r["retrieval"] is True
+    served = [n for c in r["chunks"] for n in c["neighbours"]]
+    assert served and all(n["database"] == str(setup / "db") for n in served)
+    db = Datastore.open(setup / "db")
+    assert all(n["doc_id"] in db.doc_ids for n in served)
+    code, out, _ = run(capsys, "generate", setup / run_name, "--prompt", "the model reads", "--max-new-tokens", "8",
+                       "--seed", "0", "--retrieval-db", setup / "db", "--show-neighbours")
+    assert code == 0 and "neighbours that served each generated chunk" in out and "] db:" in out
+
+
+def test_in_context_generation_reads_the_neighbours_text(setup):
+    """The in-context window is the last chunk's neighbours (nearest last) followed by the end of the text."""
+    from knnformer.run.record import load_run
+    from knnformer.serve.generate import RetrievingGenerator
+
+    model, record, _ = load_run(setup / "dense")
+    store = Datastore.open(setup / "store")
+    gen = RetrievingGenerator.for_databases(model, store, setup / "dense", record, [str(setup / "db")], k=1)
+    assert gen.in_context and gen.C == 4
+    ids = store.tokenizer.encode("the model reads its corpus while it writes")
+    for chunk in range(len(ids) // 4):
+        gen.retrieve(ids, chunk)
+    window = gen.in_context_window(ids)
+    nb = gen.retrieved[len(ids) // 4 - 1]
+    prefix = nb.tokens[0, 0][nb.mask[0, 0]].tolist()
+    assert window[: len(prefix)] == prefix and window[len(prefix):] == ids[-(len(window) - len(prefix)):]
+    assert len(window) <= model.config.context

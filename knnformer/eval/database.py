@@ -71,8 +71,9 @@ def evaluate_in_context(run_dir: str | Path, databases: list[str], split: str, d
     """In-context retrieval from ``databases`` (``incontext.py``), and retrieval off over sliding windows of the
     full context at the same stride; both bucketed by the overlap of each chunk with the neighbours in its
     window."""
-    from knnformer.eval.incontext import block_query, prefix_tokens, score_in_context
+    from knnformer.eval.incontext import block_query, score_in_context
     from knnformer.retrieval.database import database_neighbours, open_databases
+    from knnformer.retrieval.neighbours import in_context_prefix as prefix_tokens
 
     if k < 1:
         raise ValueError(f"--neighbours must be at least 1, got {k}")
@@ -136,16 +137,16 @@ def format_table(result: dict[str, Any]) -> str:
     ex = db["excluded"]
     rows = [("mode", result["mode"]), ("scored", f"{result['scored']} ({result['tokens']:,} tokens)"),
             ("databases", "; ".join(f"{d['path']} ({d['chunks']:,} chunks, {d['embedder']})" for d in db["databases"])),
-            ("leakage filter", f"excluded {ex.get('documents', 0):,} database documents ({ex.get('chunks', 0):,} "
-                               f"chunks) that copy held-out documents"),
+            ("leakage filter", (f"excluded {ex.get('documents', 0):,} database documents "
+                                f"({ex.get('chunks', 0):,} chunks) that copy held-out documents")),
             ("bits per byte, retrieval off", f"{off['bits_per_byte']:.4f}"),
             ("bits per byte, with the databases", f"{result['bits_per_byte']:.4f} ({-100 * result['gain']:+.1f}%)")]
     for alpha in (str(a) for a in ALPHAS[:1]):
         fig, base = (result.get("filtered") or {}).get(alpha), (off.get("filtered") or {}).get(alpha)
         if fig and base:
             rows.append((f"overlap <= {alpha}: off / with",
-                         f"{base['bits_per_byte']:.4f} / {fig['bits_per_byte']:.4f} "
-                         f"({100 * (fig['bits_per_byte'] / base['bits_per_byte'] - 1):+.1f}%, "
-                         f"{fig['fraction']:.0%} of chunks)"))
+                         (f"{base['bits_per_byte']:.4f} / {fig['bits_per_byte']:.4f} "
+                          f"({100 * (fig['bits_per_byte'] / base['bits_per_byte'] - 1):+.1f}%, "
+                          f"{fig['fraction']:.0%} of chunks)")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -14,7 +14,8 @@ Shapes: B windows per batch, L <= context input length, P the prefix (neighbour)
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,16 +37,6 @@ def in_context_plan(num_tokens: int, stride: int) -> list[tuple[int, int]]:
 def block_query(p: int, chunk_size: int) -> int:
     """The split-relative chunk whose neighbours serve the block starting at target ``p`` (-1: none)."""
     return (p // chunk_size) - 1 if p >= chunk_size else -1
-
-
-def prefix_tokens(tokens: np.ndarray, mask: np.ndarray, k: int) -> list[np.ndarray]:
-    """The real tokens of the first ``k`` neighbours of each row of ``tokens`` (N, K, R) and ``mask``, the
-    nearest last (next to the text it serves)."""
-    out = []
-    for row_t, row_m in zip(tokens, mask):
-        parts = [row_t[j][row_m[j]] for j in reversed(range(min(k, len(row_t))))]
-        out.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
-    return out
 
 
 @torch.no_grad()

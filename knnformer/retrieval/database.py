@@ -187,6 +187,12 @@ class Databases:
             rows, kk = rows[short], min(db.num_train, kk * 4)
         return out_i, out_d
 
+    def neighbours(self, texts: list[str], k: int, pad_id: int = 0) -> NeighbourBatch:
+        """Live retrieval for new text (generation), as ``live.Retriever.neighbours``: (len(texts), k, 2C)."""
+        ids, scores = self.search(texts, k)
+        tokens, mask = self.tokens(ids, pad_id)
+        return NeighbourBatch(tokens, mask, ids, scores)
+
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(database index, local train chunk id) of global ids (any shape; -1 gives database -1)."""
         ids = np.asarray(ids, dtype=np.int64)

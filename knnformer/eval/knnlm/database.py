@@ -54,7 +54,7 @@ def keys_source(dbs: Databases, record: dict, ckpt_path: Path, store: Datastore,
         raise ValueError("the retrieval databases hold fewer than 2 tokens once filtered: nothing to store for kNN-LM")
     identity = store_identity(record, ckpt_path, store, None, dtype, context)
     identity["datastore"] = {"databases": [{k: d[k] for k in ("path", "corpus_sha256")} for d in dbs.describe()],
-                             "excluded_documents": dbs.excluded.get("documents", 0), "tokens": int(len(tokens)),
+                             "excluded_documents": dbs.excluded.get("documents", 0), "tokens": len(tokens),
                              "tokenizer_fingerprint": store.manifest["tokenizer"]["fingerprint"]}
     key = hashlib.sha256(json.dumps(identity["datastore"], sort_keys=True).encode()).hexdigest()[:12]
     return Path(run_dir) / STORE_PARENT / key, identity, tokens
