@@ -207,3 +207,21 @@ def test_in_context_generation_reads_the_neighbours_text(setup):
     prefix = nb.tokens[0, 0][nb.mask[0, 0]].tolist()
     assert window[: len(prefix)] == prefix and window[len(prefix):] == ids[-(len(window) - len(prefix)):]
     assert len(window) <= model.config.context
+
+
+def test_retro_trains_against_a_database_and_reads_it_again(setup, capsys, tmp_path):
+    """train --retrieval-db: the run's neighbours come from the database (recorded in its config), and evaluate
+    and generate read the same database by default."""
+    run_dir = tmp_path / "retro-db"
+    code, out, _ = run(capsys, "train", setup / "store", "--out", run_dir, "--config", "tiny", "--set",
+                       "train.steps=6", "--retrieval-db", setup / "db")
+    assert code == 0 and "trained to step 6" in out
+    saved = json.loads((run_dir / "config.json").read_text())["config"]["retrieval"]
+    assert saved["enabled"] and saved["search"]["databases"] == str((setup / "db").resolve())
+    code, out, _ = run(capsys, "evaluate", run_dir, "--json", "--neighbour-gain", "0")
+    r = json.loads(out)
+    assert code == 0 and r["database"]["excluded"]["documents"] == 1 and "retrieval_off" in r
+    code, out, _ = run(capsys, "generate", run_dir, "--prompt", "the model reads its", "--max-new-tokens", "8",
+                       "--seed", "0", "--json")
+    served = [n for c in json.loads(out)["chunks"] for n in c["neighbours"]]
+    assert code == 0 and served and all(n["database"] == str((setup / "db").resolve()) for n in served)

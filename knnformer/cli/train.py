@@ -30,6 +30,9 @@ def resolve_train_config(args, store, run_dir: Path):
             say("--config is ignored with --resume: the run's saved config is used (change it with --set)")
         return config_from_dict(values)
     config = load_config(args.config, args.set or [])
+    if args.retrieval_db:  # RETRO trained against retrieval databases instead of the datastore's own neighbours
+        config.retrieval.enabled = True
+        config.retrieval.search.databases = ",".join(str(Path(p).resolve()) for p in args.retrieval_db)
     vocab = store.tokenizer.vocab_size
     if config.model.vocab_size == 0:
         config.model.vocab_size = vocab
@@ -101,5 +104,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--config", default=None, help="preset name (tiny, shakespeare-char, small) or YAML path")
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    s.add_argument("--retrieval-db", action="extend", nargs="+", default=[], metavar="DB",
+                   help="train RETRO against retrieval databases (prepared with the datastore's tokenizer and "
+                        "indexed) instead of the datastore's own neighbours; sets retrieval.enabled and "
+                        "retrieval.search.databases")
     s.set_defaults(func=cmd_train)
     return s

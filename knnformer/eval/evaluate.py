@@ -64,6 +64,8 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     context = model.config.context
     tokens = store.require_split(split, 2)
     stride = stride or context
+    if not databases and rcfg.enabled and use_retrieval and rcfg.search.databases:
+        databases = rcfg.search.databases.split(",")  # the databases the run trained against
     if databases:
         neighbours = cca_database_neighbours(record, store, databases, split, use_retrieval, run_dir)
     else:

@@ -148,6 +148,9 @@ class RetrievingGenerator:
         retrieval run feeds its neighbours to the model unless ``retrieval`` is ``"off"``, with its own number of
         neighbours; a plain LM (or ``"off"``) only searches, ``k`` neighbours a chunk, to show what served each."""
         rcfg = run_retrieval(record)
+        if rcfg.enabled and rcfg.search.databases:  # trained against retrieval databases: generate from them
+            return cls.for_databases(model, store, run_dir, record, rcfg.search.databases.split(","), retrieval,
+                                     "cca")
         feed = rcfg.enabled and retrieval != "off"
         retriever, frozen = open_generation_retriever(model, store, run_dir, record, feed)
         k = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else k
