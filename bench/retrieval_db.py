@@ -86,7 +86,7 @@ def prepare_sympy(data: Path) -> None:
         if not (WORK / name / "manifest.json").exists():
             _timed(timings, f"{name}:prepare", lambda n=name, p=part: write_datastore(WORK / n, p, tok, src, True))
         if not _indexed(name):
-            _timed(timings, f"{name}:index", lambda n=name: index_datastore(WORK / n))
+            _timed(timings, f"{name}:index", lambda n=name: index_datastore(WORK / n, neighbours=False))
     _save_timings(timings)
     print(json.dumps(timings, indent=1))
 
@@ -117,7 +117,7 @@ def prepare_gutenberg(data: Path) -> None:
         _timed(timings, "docs-db:prepare", lambda: write_datastore(
             WORK / "docs-db", [d for d in pdocs if d.split == "train"], gtok, psrc, True))
     if not _indexed("docs-db"):
-        _timed(timings, "docs-db:index", lambda: index_datastore(WORK / "docs-db"))
+        _timed(timings, "docs-db:index", lambda: index_datastore(WORK / "docs-db", neighbours=False))
     _save_timings(timings)
     print(json.dumps(timings, indent=1))
 

@@ -52,7 +52,7 @@ def setup(tmp_path_factory):
     src = Path(store.manifest["sources"][0]) / store.doc_ids[valid_row]
     shutil.copy(src, other / "copied-under-another-name.txt")
     assert main(["-q", "prepare", str(other), "--out", str(tmp / "db"), "--tokenizer-from", str(tmp / "dense")]) == 0
-    assert main(["-q", "index", str(tmp / "db"), "--chunk-size", "4", "--k", "2"]) == 0
+    assert main(["-q", "index", str(tmp / "db"), "--chunk-size", "4", "--no-neighbours"]) == 0
     return tmp
 
 

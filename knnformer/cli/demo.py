@@ -51,13 +51,13 @@ def step(message: str) -> None:
 
 
 def run_demo(out: Path, fresh: bool = False, steps: int | None = None) -> None:
+    from knnformer.cli.generate import print_neighbours
     from knnformer.cli.train import train_with_progress
     from knnformer.config import load_config
     from knnformer.data.corpus import Document, assign_splits
     from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
     from knnformer.eval.evaluate import evaluate_run, format_table
     from knnformer.run.record import load_run
-    from knnformer.cli.generate import print_neighbours
     from knnformer.serve.generate import RetrievingGenerator, stream_text
 
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def build_database(db_dir: Path, root: Path, files: list[Path], store) -> None:
     docs = [Document(str(p.relative_to(root)), p.read_text(encoding="utf-8", errors="replace")) for p in files]
     write_datastore(db_dir, docs, store.tokenizer, [str(root)], overwrite=True)
     t1 = time.perf_counter()
-    info = index_datastore(db_dir)
+    info = index_datastore(db_dir, neighbours=False)
     m = json.loads(manifest.read_text())
     print(f"prepared {m['num_tokens']:,} tokens in {t1 - t0:.0f}s; indexed {info['index']['num_vectors']:,} chunks "
           f"with bm25 in {time.perf_counter() - t1:.0f}s")

@@ -55,14 +55,19 @@ ExactSearch = Callable[[np.ndarray, np.ndarray, np.ndarray, int], SearchResult]
 def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: str = "auto", k: int = DEFAULT_K,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, exclude_window: int = DEFAULT_EXCLUDE_WINDOW,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, force: bool = False, seed: int = 0,
-                    progress: Progress = _no_progress, hops: int = 1) -> dict:
+                    progress: Progress = _no_progress, hops: int = 1, neighbours: bool = True) -> dict:
     """Chunk, embed, index and precompute neighbours for the datastore at ``path``; returns the manifest's
     ``retrieval`` section. Embeddings are reused when the manifest matches (``force`` recomputes them). With
-    ``hops=2`` the second hop's neighbours are computed too and written beside the first's (see hops.py)."""
+    ``hops=2`` the second hop's neighbours are computed too and written beside the first's (see hops.py).
+    ``neighbours=False`` builds the index alone (a retrieval database, searched live: ``database.py``)."""
     store = Datastore.open(path)
     layout = chunk_layout(store, chunk_size)
     _check_arguments(store, layout, index, k, exclude_window, hops)
     emb = make_embedder(embedder)
+    if not neighbours:
+        if hops != 1:
+            raise ValueError("--hops 2 computes neighbours; drop --no-neighbours")
+        return _index_only(store, layout, emb, index, memory_budget, force, seed, progress)
     single = int(store.manifest["splits"]["train"]["documents"]) <= 1
     if emb.sparse:
         found, search_hop2, exact_hop2 = _bm25_neighbours(store, layout, index, k, exclude_window, not single, progress)
@@ -97,6 +102,40 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
         **({"neighbours_hop2": {"file": HOP2_FILE, "scores_file": HOP2_SCORES_FILE, "hops": 2,
                                 "merge": "first hop's top neighbour, then the second hop's results",
                                 "num_short_rows": hop2[2], "seconds": round(hop2_s, 3)}} if hop2 else {}),
+    })
+
+
+def _index_only(store: Datastore, layout: ChunkLayout, emb, index: str, memory_budget: int, force: bool, seed: int,
+                progress: Progress) -> dict:
+    """The index over the train chunks and its manifest entry, without anyone's neighbours (the manifest's
+    ``neighbours`` entries are dropped: they would describe another index)."""
+    from knnformer.retrieval.index import build_dense_index, measure_recall
+
+    t0 = time.perf_counter()
+    if emb.sparse:
+        if index not in ("auto", "flat"):
+            raise ValueError(f"--index {index} is for dense embedders; bm25 has its own exact index (use --index auto)")
+        built, kind, recall, queries = BM25Index.build(chunk_texts(store, layout, np.arange(layout.num_train))), \
+            "bm25", 1.0, 0
+        progress("indexing", layout.num_train)(layout.num_train)
+    else:
+        vectors, _ = chunks_to_embeddings(store, layout, emb, force, progress=progress("embedding", layout.num_chunks))
+        kind = choose_index_kind(layout.num_train, emb.dim, memory_budget) if index == "auto" else index
+        built = build_dense_index(vectors[: layout.num_train], kind, seed, progress("indexing", layout.num_train))
+        recall, queries = measure_recall(built, vectors[: layout.num_train], vectors, seed=seed)
+    build_s = time.perf_counter() - t0
+    found = DenseNeighbours(built, kind, None, None, 0, float(recall), queries, build_s, 0.0)
+    update_retrieval_manifest(store.path, drop=("index", "neighbours", "neighbours_hop2"))
+    _write_files(store.path, emb.sparse, found, None)
+    index_file = BM25_INDEX_DIR if emb.sparse else DENSE_INDEX_FILE
+    return update_retrieval_manifest(store.path, {
+        "chunks": layout.describe(),
+        "index": {"embedder": emb.name, "embedder_fingerprint": emb.fingerprint(),
+                  "tokenizer_fingerprint": store.manifest["tokenizer"]["fingerprint"], "chunk_size": layout.chunk_size,
+                  "kind": kind, "file": index_file, "dim": emb.dim, "num_vectors": layout.num_train,
+                  "recall_at_10": round(float(recall), 4), "recall_queries": queries, "build_seconds": round(build_s, 3),
+                  "bytes_per_chunk": round(path_size(store.path / index_file) / layout.num_train, 1),
+                  "memory_budget": memory_budget},
     })
 
 
@@ -172,8 +211,9 @@ def _write_files(folder: Path, sparse: bool, found: DenseNeighbours,
     """Put the index and the neighbour arrays in place in ``folder``, each atomically, and remove the index of
     the other kind (a bm25 folder after a dense build, or the reverse)."""
     found.index.save(folder / (BM25_INDEX_DIR if sparse else DENSE_INDEX_FILE))
-    _save_npy(folder / NEIGHBOURS_FILE, found.ids)
-    _save_npy(folder / SCORES_FILE, found.scores)
+    if found.ids is not None:
+        _save_npy(folder / NEIGHBOURS_FILE, found.ids)
+        _save_npy(folder / SCORES_FILE, found.scores)
     if hop2 is not None:
         _save_npy(folder / HOP2_FILE, hop2[0])
         _save_npy(folder / HOP2_SCORES_FILE, hop2[1])
