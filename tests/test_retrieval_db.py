@@ -225,3 +225,15 @@ def test_retro_trains_against_a_database_and_reads_it_again(setup, capsys, tmp_p
                        "--seed", "0", "--json")
     served = [n for c in json.loads(out)["chunks"] for n in c["neighbours"]]
     assert code == 0 and served and all(n["database"] == str((setup / "db").resolve()) for n in served)
+
+
+@pytest.mark.slow
+def test_demo_prints_retrieval_off_beside_the_database_and_the_files_that_served(tmp_path, capsys):
+    """The whole demo with a few training steps (minutes: a 6 MB database and its kNN-LM keys)."""
+    from knnformer.cli.demo import run_demo
+
+    run_demo(tmp_path / "demo", steps=10)
+    out = capsys.readouterr().out
+    assert "leakage filter:" in out and "alpha 0.125" in out
+    assert "kNN-LM (any run, no training)" in out and "in context (any run, no training)" in out
+    assert "neighbours that served each generated chunk" in out and "] database:" in out

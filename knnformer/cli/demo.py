@@ -56,7 +56,6 @@ def run_demo(out: Path, fresh: bool = False, steps: int | None = None) -> None:
     from knnformer.config import load_config
     from knnformer.data.corpus import Document, assign_splits
     from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
-    from knnformer.eval.evaluate import evaluate_run, format_table
     from knnformer.run.record import load_run
     from knnformer.serve.generate import RetrievingGenerator, stream_text
 
@@ -64,7 +63,7 @@ def run_demo(out: Path, fresh: bool = False, steps: int | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     store_dir, run_dir = out / "datastore", out / "run"
     root, files = stdlib_sources()
-    step(f"1/5 corpus: {len(files)} files of Python {sys.version.split()[0]}'s standard library under {root}")
+    step(f"1/4 corpus: {len(files)} files of Python {sys.version.split()[0]}'s standard library under {root}")
     if (store_dir / "manifest.json").exists():
         store = Datastore.open(store_dir)
         print(f"reusing the datastore in {store_dir} ({store.manifest['num_tokens']:,} tokens)")
@@ -87,7 +86,7 @@ def run_demo(out: Path, fresh: bool = False, steps: int | None = None) -> None:
     from knnformer.run.checkpoint import list_checkpoints
 
     resume = resume and bool(list_checkpoints(run_dir))
-    step(f"2/5 training a {config.model.num_layers}-layer, {config.model.dim}-wide model for "
+    step(f"2/4 training a {config.model.num_layers}-layer, {config.model.dim}-wide model for "
          f"{config.train.steps} steps" + (" (resuming)" if resume else "") + f" -> {run_dir}")
     if resume:
         import json
@@ -97,17 +96,14 @@ def run_demo(out: Path, fresh: bool = False, steps: int | None = None) -> None:
         config = config_from_dict(json.loads((run_dir / "config.json").read_text())["config"])
     train_with_progress(run_dir, store, config, resume)
 
-    step("3/5 scoring every token of valid with retrieval off")
-    print(format_table(evaluate_run(run_dir, "valid", gain_windows=0)))
-
     db_dir = out / "database"
     root, db_files = stdlib_sources(DATABASE_BYTES)
-    step(f"4/5 a retrieval database: {len(db_files)} files of the standard library, {len(db_files) - len(files)} "
+    step(f"3/4 a retrieval database: {len(db_files)} files of the standard library, {len(db_files) - len(files)} "
          f"more than the corpus, with the run's tokenizer -> {db_dir}")
     build_database(db_dir, root, db_files, store)
     results = compare_modes(run_dir, db_dir)
 
-    step("5/5 generating with the database, and the files that served each chunk")
+    step("4/4 generating with the database, and the files that served each chunk")
     model, record, _ = load_run(run_dir)
     prompt = "def "
     generator = RetrievingGenerator.for_databases(model, store, run_dir, record, [str(db_dir)], mode="in-context",
@@ -156,12 +152,25 @@ def build_database(db_dir: Path, root: Path, files: list[Path], store) -> None:
 def compare_modes(run_dir: Path, db_dir: Path) -> dict[str, dict]:
     """Test's bits per byte with retrieval off, with the database through kNN-LM and in context, and the figures
     over the chunks that overlap their neighbours by at most 12.5%, side by side."""
+    from tqdm import tqdm
+
     from knnformer.eval.database import evaluate_database
 
-    results = {}
+    results, bars = {}, []
+
+    def factory(total: int, what: str = ""):
+        bars.append(tqdm(total=total, unit="tok", unit_scale=True, desc=what, leave=False))
+        return bars[-1].update
+
     for mode in ("knn-lm", "in-context"):
         print(f"scoring test with the database, {mode} ...", flush=True)
-        results[mode] = evaluate_database(run_dir, [str(db_dir)], mode, "test", neighbours=2)
+        try:
+            results[mode] = evaluate_database(run_dir, [str(db_dir)], mode, "test", progress_factory=factory,
+                                              neighbours=2)
+        finally:
+            for bar in bars:
+                bar.close()
+            bars.clear()
     ex = results["knn-lm"]["database"]["excluded"]
     print(f"leakage filter: {ex['documents']} database files copy held-out files of the datastore; their "
           f"{ex['chunks']:,} chunks are never retrieved")
