@@ -237,3 +237,22 @@ def test_demo_prints_retrieval_off_beside_the_database_and_the_files_that_served
     assert "leakage filter:" in out and "alpha 0.125" in out
     assert "kNN-LM (any run, no training)" in out and "in context (any run, no training)" in out
     assert "neighbours that served each generated chunk" in out and "] database:" in out
+
+
+def test_demo_table_and_generation_read_the_database(setup, capsys):
+    """The demo's last two steps on the tiny run: retrieval off, with the database and alpha 0.125 side by side,
+    then generation naming the database file that served each chunk."""
+    from knnformer.cli.demo import compare_modes, generate_with_database
+
+    results = compare_modes(setup / "dense", setup / "db")
+    out = capsys.readouterr().out
+    assert set(results) == {"knn-lm", "in-context"}
+    assert "leakage filter: 1 database files copy held-out files" in out
+    for label, mode in (("kNN-LM (any run, no training)", "knn-lm"), ("in context (any run, no training)",
+                                                                      "in-context")):
+        line = next(row for row in out.splitlines() if row.startswith(label))
+        assert f"{results[mode]['bits_per_byte']:.4f}" in line
+        assert f"{results[mode]['retrieval_off']['bits_per_byte']:.4f}" in line
+    generate_with_database(setup / "dense", Datastore.open(setup / "store"), setup / "db", "the model", 12)
+    out = capsys.readouterr().out
+    assert out.startswith("the model") and "] db:" in out

@@ -51,13 +51,10 @@ def step(message: str) -> None:
 
 
 def run_demo(out: Path, fresh: bool = False, steps: int | None = None) -> None:
-    from knnformer.cli.generate import print_neighbours
     from knnformer.cli.train import train_with_progress
     from knnformer.config import load_config
     from knnformer.data.corpus import Document, assign_splits
     from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
-    from knnformer.run.record import load_run
-    from knnformer.serve.generate import RetrievingGenerator, stream_text
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -104,23 +101,32 @@ def run_demo(out: Path, fresh: bool = False, steps: int | None = None) -> None:
     results = compare_modes(run_dir, db_dir)
 
     step("4/4 generating with the database, and the files that served each chunk")
+    generate_with_database(run_dir, store, db_dir, "def ")
+    best = min(results, key=lambda m: results[m]["bits_per_byte"])
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s. Next: `knnformer evaluate {run_dir} --retrieval-db "
+          f"{db_dir} --mode {best}`, `knnformer generate {run_dir} --retrieval-db {db_dir} --show-neighbours "
+          f"--prompt 'import '`, or your own text with `knnformer prepare DOCS --out DB --tokenizer-from "
+          f"{run_dir}` and `knnformer index DB`.")
+
+
+def generate_with_database(run_dir: Path, store, db_dir: Path, prompt: str, max_new_tokens: int = 96) -> None:
+    """Sample from the run with the database's neighbours in context, then list the files that served each chunk
+    (``knnformer generate RUN --retrieval-db DB --show-neighbours``)."""
+    from knnformer.cli.generate import print_neighbours
+    from knnformer.run.record import load_run
+    from knnformer.serve.generate import RetrievingGenerator, stream_text
+
     model, record, _ = load_run(run_dir)
-    prompt = "def "
     generator = RetrievingGenerator.for_databases(model, store, run_dir, record, [str(db_dir)], mode="in-context",
                                                   k=2)
     sys.stdout.write(prompt)
     ids = store.tokenizer.encode(prompt)
     new: list[int] = []
     for piece in stream_text(store.tokenizer, (new.append(i) or i for i in generator.sample(
-            ids, 96, temperature=0.8, top_k=50, seed=0, stop_id=store.tokenizer.eot_id))):
+            ids, max_new_tokens, temperature=0.8, top_k=50, seed=0, stop_id=store.tokenizer.eot_id))):
         sys.stdout.write(piece)
         sys.stdout.flush()
     print_neighbours(generator.provenance(ids + new, len(ids)), sorted(generator.latencies_ms))
-    best = min(results, key=lambda m: results[m]["bits_per_byte"])
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s. Next: `knnformer evaluate {run_dir} --retrieval-db "
-          f"{db_dir} --mode {best}`, `knnformer generate {run_dir} --retrieval-db {db_dir} --show-neighbours "
-          f"--prompt 'import '`, or your own text with `knnformer prepare DOCS --out DB --tokenizer-from "
-          f"{run_dir}` and `knnformer index DB`.")
 
 
 def build_database(db_dir: Path, root: Path, files: list[Path], store) -> None:
