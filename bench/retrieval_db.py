@@ -240,7 +240,13 @@ def bench_sympy(split: str, sizes: list[int], modes: list[str], in_context_sizes
         out["train_seconds"][name] = json.loads(f.read_text()) if f.exists() else None
     cache: dict = {}
     for times in sizes:
-        db = [str(WORK / f"sympy-db-{times}x")]
+        db = [str(WORK / (f"sympy-db-{times}x" if times < PARTS else "sympy-all"))]  # 16x: every train file
+        if times == PARTS and not _indexed("sympy-all"):
+            from knnformer.retrieval.build import index_datastore
+
+            timings: dict = {}
+            _timed(timings, "sympy-all:index", lambda: index_datastore(WORK / "sympy-all", neighbours=False))
+            _save_timings(timings)
         row = {"dense_all": bucketed(WORK / "run-sympy-all", WORK / "sympy-eval", split, db, cache=cache)}
         for mode in modes:
             if mode == "in-context" and times not in in_context_sizes:
