@@ -187,6 +187,18 @@ def test_import_hf_round_trips_an_exported_run(tmp_path, runs, capsys):
     export_run(tmp_path / "back", tmp_path / "hf2")  # and out again, the same tensors
     first, second = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # evaluated on a datastore with its tokenizer, it scores as the run it came from, and it trains on from step 0
+    assert main(["-q", "evaluate", str(tmp_path / "back"), "--json"]) == 2
+    assert "names no datastore" in capsys.readouterr().err
+    scores = []
+    for run in (run_dir, tmp_path / "back"):
+        assert main(["-q", "evaluate", str(run), "--json", "--datastore", str(store.path)]) == 0
+        scores.append(json.loads(capsys.readouterr().out)["loss"])
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+    assert main(["-q", "train", str(store.path), "--out", str(tmp_path / "back"), "--resume",
+                 "--set", "train.steps=3"]) == 0
+    first_loss = json.loads((tmp_path / "back" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert first_loss < 4.5  # the imported model's loss, not a fresh model's ln 256 = 5.55
 
 
 def save_llama(folder: Path, tie: bool = True, kv_heads: int = 2):

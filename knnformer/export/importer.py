@@ -6,9 +6,11 @@ decoder cannot compute is refused with the reason: biases, another activation th
 width other than hidden / heads, or an output head that differs from the embedding (knnformer ties them).
 Grouped-query attention is imported exactly: each key/value head is repeated for the query heads that share it.
 
-The run gets ``checkpoints/step-0000000`` (weights and a run record with the model config and default train and
-retrieval sections), ``config.json`` and, when the folder's tokenizer is byte-level (the bytes tokenizer or a
-byte-level BPE), ``tokenizer.json`` in knnformer's form.
+The run gets ``checkpoints/step-0000000`` (weights, a fresh optimizer state and a run record with the model config
+and default train and retrieval sections), ``config.json`` and, when the folder's tokenizer is byte-level (the
+bytes tokenizer or a byte-level BPE), ``tokenizer.json`` in knnformer's form. ``knnformer train DATASTORE --out
+RUN --resume`` trains it on from step 0 on a datastore whose tokenizer is the same (the run record names no
+datastore until then); ``evaluate`` and ``generate`` take ``--datastore``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from knnformer.config import Config, Derived, ModelConfig
 from knnformer.export.tokenizer import read_hf_tokenizer
 from knnformer.io import writing_folder
 from knnformer.model.transformer import Transformer
-from knnformer.run.checkpoint import save_checkpoint
+from knnformer.run.checkpoint import rng_state, save_checkpoint
+from knnformer.train.optim import make_optimizer
 
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -165,8 +168,11 @@ def import_hf(folder: str | Path, out: str | Path, force: bool = False, context:
                             "tokenizer_fingerprint": tokenizer.fingerprint() if tokenizer is not None else None},
               "imported_from": {"folder": str(folder.resolve()), "architecture": "LlamaForCausalLM",
                                 "num_key_value_heads": cfg.get("num_key_value_heads", cfg["num_attention_heads"])}}
+    # a fresh optimizer and generators, as a new run has them at step 0: `knnformer train DATASTORE --out RUN
+    # --resume` then trains the imported model on a datastore with the same tokenizer
+    state = {"generator": torch.Generator().manual_seed(config.train.seed + 1).get_state(), "rng": rng_state()}
     with writing_folder(out) as tmp:
-        save_checkpoint(tmp, 0, model, record)
+        save_checkpoint(tmp, 0, model, record, make_optimizer(model, config.train), state)
         (tmp / "config.json").write_text(json.dumps(record, indent=2))
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
