@@ -146,8 +146,11 @@ def draw(runs: list[str | Path], evaluations: list[str | Path] = (), names: list
             axes[1][j].set(xlabel=unit, ylabel="valid bits / byte")
             for ax in (axes[0][j], axes[1][j]):
                 ax.grid(alpha=0.3)
-                if ax.lines:
+                if any(not line.get_label().startswith("_") for line in ax.lines):
                     ax.legend(fontsize=7)
+            if not any("valid_bpb" in r for _, _, rows in data for r in rows):
+                axes[1][j].text(0.5, 0.5, "no valid evaluation (train.eval_interval)", ha="center",
+                                transform=axes[1][j].transAxes)
         axes[0][0].set_title("loss against steps")
         axes[0][1].set_title("loss against wall-clock time")
         row += 2
