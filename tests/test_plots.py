@@ -5,6 +5,7 @@ and bars for evaluation JSONs, and TensorBoard files are optional with a clear m
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def test_train_draws_curves_and_the_wall_clock_goes_on_across_a_resume(tmp_path)
     rows = read_metrics(run_dir)
     walls = [r["wall_s"] for r in rows]
     assert [r["step"] for r in rows] == list(range(1, 11))
-    assert all(b > a for a, b in zip(walls, walls[1:])), walls  # resumed from step 5, going on from its clock
+    assert all(b > a for a, b in pairwise(walls)), walls  # resumed from step 5, going on from its clock
     assert rows[4]["wall_s"] == first[4]["wall_s"]
 
 
@@ -114,3 +115,18 @@ def test_tensorboard_files_or_a_clear_message(tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 7))
     assert [e.step for e in events.Scalars("valid/valid_bpb")] == [5, 6]
+
+
+def test_a_run_logged_before_wall_s_gets_a_clock_estimated_from_its_throughput(tmp_path):
+    from knnformer.run.plots import wall_clock
+
+    store = make_datastore(tmp_path, "bytes")
+    run_dir = train_run(tmp_path / "run", store, 6)
+    rows = [{k: v for k, v in r.items() if k != "wall_s"} for r in read_metrics(run_dir)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seconds, estimated = wall_clock(run_dir, rows)
+    tokens_per_step = 8 * 32  # the tiny preset's batch x context
+    assert estimated and seconds[0] == pytest.approx(tokens_per_step / rows[0]["tokens_per_s"])
+    assert all(b > a for a, b in pairwise(seconds))
+    fig = draw([run_dir])
+    assert fig.axes[1].get_xlabel() == "wall-clock (s), estimated from tokens/s"

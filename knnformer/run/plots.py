@@ -51,8 +51,8 @@ def wall_clock(run: Path, rows: list[dict[str, Any]]) -> tuple[list[float] | Non
     if all("wall_s" in r for r in rows):
         return [r["wall_s"] for r in rows], False
     try:
-        train = json.loads((run / "config.json").read_text())["config"]["train"]
-        context = json.loads((run / "config.json").read_text())["config"]["model"]["context"]
+        config = json.loads((run / "config.json").read_text())["config"]
+        train, context = config["train"], config["model"]["context"]
     except (OSError, KeyError, json.JSONDecodeError):
         return None, True
     tokens_per_step = train["batch_size"] * train.get("grad_accum", 1) * context

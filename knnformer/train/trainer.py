@@ -372,8 +372,10 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     board = TensorBoard.open(run_dir, config.train.tensorboard)  # None unless train.tensorboard
     trainer = Trainer(run_dir, datastore, config, board.hook(on_step) if board else on_step, device)
     trainer.start(resume)
-    result = trainer.run()
-    if board:
-        board.close()
+    try:
+        result = trainer.run()
+    finally:
+        if board:
+            board.close()
     write_curves(run_dir)  # RUN/curves.png (a failure to draw is logged, never raised)
     return result
