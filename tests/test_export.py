@@ -266,3 +266,24 @@ def test_bad_export_and_import_inputs_give_one_line_errors(tmp_path, runs, capsy
     assert "lm_head.weight) differs from the embedding" in error("import-hf", tmp_path / "untied", "--out",
                                                                  tmp_path / "r4")
     assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3", "r4"))
+
+
+def test_an_imported_model_starts_a_retrieval_run(tmp_path, runs, capsys):
+    """import-hf, then `train --init-from`: the new run's decoder is the imported one, its retrieval layers new."""
+    from knnformer.retrieval.build import index_datastore
+
+    run_dir, _ = runs["bytes"]
+    export_run(run_dir, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "imported", context=32)
+    store = make_datastore(tmp_path, "bytes", num_docs=8)
+    index_datastore(store.path, embedder="bytes-hash", index="flat", k=2, chunk_size=16, exclude_window=48)
+    argv = ["-q", "train", str(store.path), "--out", str(tmp_path / "retro"), "--config", "tiny", "--init-from",
+            str(tmp_path / "imported"), "--set", "retrieval.enabled=true", "--set", "train.steps=3"]
+    assert main(argv) == 0
+    first_loss = json.loads((tmp_path / "retro" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert first_loss < 4.5  # the imported decoder's loss, not a fresh model's ln 256 = 5.55
+    model, record, _ = load_run(tmp_path / "retro")
+    assert model.retrieval is not None and record["init_from"] == str((tmp_path / "imported").resolve())
+    capsys.readouterr()
+    assert main([*argv[:4], str(tmp_path / "other"), *argv[5:], "--set", "model.dim=64"]) == 2
+    assert "its decoder does not fit this model" in capsys.readouterr().err

@@ -10,7 +10,8 @@ The run gets ``checkpoints/step-0000000`` (weights, a fresh optimizer state and 
 and default train and retrieval sections), ``config.json`` and, when the folder's tokenizer is byte-level (the
 bytes tokenizer or a byte-level BPE), ``tokenizer.json`` in knnformer's form. ``knnformer train DATASTORE --out
 RUN --resume`` trains it on from step 0 on a datastore whose tokenizer is the same (the run record names no
-datastore until then); ``evaluate`` and ``generate`` take ``--datastore``.
+datastore until then), ``knnformer train DATASTORE --out NEW --init-from RUN`` starts a new run (with retrieval,
+say) from its decoder, and ``evaluate`` and ``generate`` take ``--datastore``.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from knnformer.run.plots import write_curves
 from knnformer.run.refreshes import changed_share, load_refresh, prune_refreshes, refresh_folder
 from knnformer.run.vectors import frozen_vectors
 from knnformer.runtime import autocast
+from knnformer.train.init import load_decoder
 from knnformer.train.inputs import estimate_loss, make_samplers, resolve_retrieval
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
 from knnformer.train.refresh import BackgroundRefresh, FinishedRefresh, refresh_due, refresh_neighbours
@@ -367,10 +368,15 @@ class Trainer:
 
 
 def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: bool = False,
-          on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu") -> TrainResult:
-    """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar."""
+          on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu",
+          init_from: str | Path | None = None) -> TrainResult:
+    """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar.
+    ``init_from``: a run whose decoder weights a new run starts from (see init.py)."""
     board = TensorBoard.open(run_dir, config.train.tensorboard)  # None unless train.tensorboard
     trainer = Trainer(run_dir, datastore, config, board.hook(on_step) if board else on_step, device)
+    if init_from is not None and not resume:
+        load_decoder(trainer.model, init_from)
+        trainer.record["init_from"] = str(Path(init_from).resolve())
     trainer.start(resume)
     try:
         result = trainer.run()
