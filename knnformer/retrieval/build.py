@@ -62,7 +62,7 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
     ``neighbours=False`` builds the index alone (a retrieval database, searched live: ``database.py``)."""
     store = Datastore.open(path)
     layout = chunk_layout(store, chunk_size)
-    _check_arguments(store, layout, index, k, exclude_window, hops)
+    _check_arguments(store, layout, index, k if neighbours else 1, exclude_window, hops)
     emb = make_embedder(embedder)
     if not neighbours:
         if hops != 1:

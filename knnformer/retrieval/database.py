@@ -153,6 +153,10 @@ class Databases:
             all_i.append(np.where(I >= 0, I + self.offsets[d], -1))
             all_d.append(np.where(I >= 0, D, -np.inf))
         ids, scores = np.concatenate(all_i, 1), np.concatenate(all_d, 1)
+        if ids.shape[1] < k:  # the databases hold fewer than k chunks in all
+            pad = k - ids.shape[1]
+            ids, scores = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1), \
+                np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
         ids = np.where(np.isfinite(scores), ids, -1)
