@@ -60,6 +60,11 @@ def format_summary(path: str, section: dict, seconds: float) -> str:
 def cmd_index(args) -> int:
     from knnformer.retrieval.build import index_datastore
 
+    from knnformer.data.datastore import Datastore
+    from knnformer.io import claim_folder
+
+    Datastore.open(args.datastore)  # a one-line error for what is not a datastore, before any lock file is made
+    claim = claim_folder(args.datastore, "index")  # one writer per folder; released when this returns  # noqa: F841
     t0 = time.perf_counter()
     bars = _Bars(getattr(args, "quiet", False))
     try:

@@ -166,7 +166,12 @@ class DenseIndex:
                 return cls(faiss.read_index(str(path), flag), kind, refine)
             except RuntimeError:  # this index type cannot be memory-mapped
                 continue
-        return cls(faiss.read_index(str(path)), kind, refine)
+        try:
+            return cls(faiss.read_index(str(path)), kind, refine)
+        except RuntimeError as e:  # truncated or not a faiss index
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            why = lines[-1].strip()[:160] if lines else "unreadable"
+            raise ValueError(f"{path} is truncated or corrupt ({why}); rebuild it with `knnformer index`") from None
 
 
 def build_dense_index(xb: np.ndarray, kind: str, seed: int = 0, progress: Callable[[int], None] | None = None,
