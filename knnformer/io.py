@@ -22,11 +22,13 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Self
 
 
 def file_sha256(path: str | Path) -> str:
@@ -78,7 +80,8 @@ def writing_file(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        yield tmp
+        with _naming(path):
+            yield tmp
         _readable(tmp)
         os.replace(tmp, path)
     finally:
@@ -98,7 +101,8 @@ def writing_folder(path: str | Path) -> Iterator[Path]:
     _remove(tmp)
     tmp.mkdir()
     try:
-        yield tmp
+        with _naming(path):
+            yield tmp
         for f in tmp.rglob("*"):
             _readable(f)
         if path.exists():
@@ -111,6 +115,31 @@ def writing_folder(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Give an OSError raised while writing ``path`` the name of what was being written when it has none (numpy's
+    short write on a full disk says only "N requested and M written")."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        short = "requested and" in str(e) and "written" in str(e)
+        raise OSError(errno.ENOSPC if short and e.errno is None else (e.errno or errno.EIO),
+                      e.strerror or str(e), str(path)) from e
+    except Exception as e:  # writers in other languages (safetensors' Rust, torch's C++) report the OS's error
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else next(
+            (c for c, words in _WRITE_ERRORS.items() if any(w in str(e) for w in words)), None)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
+
+
+_WRITE_ERRORS = {errno.ENOSPC: ("No space left", "failed writing file", "file write failed"),
+                 errno.EFBIG: ("File too large",)}
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -176,7 +205,7 @@ class FolderClaim:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = -1
 
-    def __enter__(self) -> "FolderClaim":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

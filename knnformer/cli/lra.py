@@ -20,7 +20,7 @@ def cmd_lra(args) -> int:
         overrides.append(f"model.attention={args.attention}")
     config = lra_config(args.preset, overrides)
     out = Path(args.out)
-    claim = claim_folder(out, "lra")  # one writer per folder; released when this returns  # noqa: F841
+    _claim = claim_folder(out, "lra")  # one writer per folder; released when this returns
     out.mkdir(parents=True, exist_ok=True)
     if not args.quiet:
         d = config.data

@@ -38,7 +38,7 @@ def cmd_prepare(args) -> int:
     if out.exists() and not args.force:
         raise ValueError(f"{out} already exists; pass --force to replace it")
     check_replaceable(out, args.force)
-    claim = claim_folder(out, "prepare")  # one writer per folder; released when this returns  # noqa: F841
+    _claim = claim_folder(out, "prepare")  # one writer per folder; released when this returns
     t0 = time.perf_counter()
     total = sum(p.stat().st_size for p, _ in list_files(args.corpus, args.glob))
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=args.quiet) as bar:

@@ -42,11 +42,10 @@ def resolve_train_config(args, store, run_dir: Path):
 def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool = False) -> object:
     """Train (or resume) the run behind a progress bar: loss, median tokens/s and MoE statistics in its postfix,
     evaluations and events above it. Raises ``Interrupted`` when training was stopped on request."""
+    from knnformer.io import claim_folder
     from knnformer.train.trainer import train
 
-    from knnformer.io import claim_folder
-
-    claim = claim_folder(run_dir, "train")  # one writer per folder; released when this returns  # noqa: F841
+    _claim = claim_folder(run_dir, "train")  # one writer per folder; released when this returns
     cfg = config.train
     start = 0
     if resume:

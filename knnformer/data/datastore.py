@@ -118,6 +118,23 @@ def write_datastore(out: str | Path, docs: list[Document], tokenizer: Tokenizer,
     return out
 
 
+MANIFEST_KEYS = {"tokenizer": ("kind", "vocab_size", "fingerprint"), "token_dtype": (), "num_tokens": (),
+                 "splits": SPLITS}
+SPLIT_KEYS = ("documents", "tokens", "bytes", "start", "end")
+
+
+def _check_manifest_keys(path: Path, manifest: dict) -> None:
+    """Refuse a manifest with a key every reader needs missing, naming the key (not a KeyError later)."""
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    missing += [f"{key}.{sub}" for key, subs in MANIFEST_KEYS.items() if isinstance(manifest.get(key), dict)
+                for sub in subs if sub not in manifest[key]]
+    if not missing and isinstance(manifest.get("splits"), dict):
+        missing += [f"splits.{name}.{k}" for name in SPLITS if isinstance(manifest["splits"].get(name), dict)
+                    for k in SPLIT_KEYS if k not in manifest["splits"][name]]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing[:4])}; rebuild with `knnformer prepare --force`")
+
+
 def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int, block: int = 1 << 24) -> None:
     """Refuse token ids at or above the vocabulary size (the model's embedding would fail on them)."""
     for lo in range(0, len(tokens), block):
@@ -202,7 +219,7 @@ class Datastore:
                              "with `knnformer prepare --force`") from None
 
     @classmethod
-    def _open(cls, path: Path) -> "Datastore":
+    def _open(cls, path: Path) -> Datastore:
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise ValueError(f"{path} is not a datastore (no manifest.json); build one with `knnformer prepare`")
@@ -214,6 +231,7 @@ class Datastore:
             raise ValueError(f"{path} was built by datastore format {manifest.get('format_version')} "
                              f"(knnformer {manifest.get('versions', {}).get('knnformer')}); this knnformer reads "
                              f"format {FORMAT_VERSION}: rebuild it with `knnformer prepare --force`")
+        _check_manifest_keys(manifest_path, manifest)
         tokenizer = load_tokenizer(path / "tokenizer.json")
         if tokenizer.fingerprint() != manifest["tokenizer"]["fingerprint"]:
             raise ValueError(f"{path}/tokenizer.json does not match the manifest's tokenizer; "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from knnformer.io import file_sha256, writing_folder
@@ -190,7 +191,7 @@ def _read(file: Path, reader) -> Any:
     except FileNotFoundError:
         raise ValueError(f"checkpoint file {file} is missing; delete the checkpoint to fall back to an older one") \
             from None
-    except Exception as e:  # safetensors, json: their errors have no common base class
+    except (OSError, ValueError, SafetensorError) as e:  # json's errors are ValueErrors
         raise ValueError(f"{file} is unreadable ({_first_line(e)}); delete the checkpoint to fall back to an "
                          "older one") from None
 

@@ -137,7 +137,7 @@ def verify_run(path: Path) -> list[tuple[bool, str]]:
 def _read_record(path: Path) -> dict:
     try:
         record = json.loads(path.read_text())
-        record["config"]["model"], record["datastore"]["path"]  # noqa: B018
+        record["config"]["model"], record["datastore"]["path"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path} is corrupt or not a run record ({e})") from None
     return record
