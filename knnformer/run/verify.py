@@ -59,8 +59,8 @@ def verify_datastore(path: Path, seed: int = 0) -> list[tuple[bool, str]]:
     if store is None:
         return results
     if "tokens_sha256" not in store.manifest:
-        results.append((True, f"{path}/tokens.bin: no sha256 recorded (built by an earlier knnformer; "
-                              "`knnformer prepare --force` records one)"))
+        results.append((True, (f"{path}/tokens.bin: no sha256 recorded (built by an earlier knnformer; "
+                               "`knnformer prepare --force` records one)")))
     _check(results, f"{path}/tokens.bin: every id below the vocabulary ({store.tokenizer.vocab_size})",
            lambda: check_token_ids(path, store.tokens, store.tokenizer.vocab_size))
     _check(results, f"{path}/docs.npy: documents tile tokens.bin", lambda: _check_docs(store))
