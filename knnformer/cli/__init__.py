@@ -1,4 +1,4 @@
-"""The ``knnformer`` command: prepare, index, inspect, train, evaluate, generate, lra and demo.
+"""The ``knnformer`` command: prepare, index, inspect, train, evaluate, generate, lra, sweep and demo.
 
 Each subcommand lives in its own module here, with its ``cmd_X`` and the ``add_X_parser(sub)`` that wires it
 in; this module builds the parser, sets up logging and turns errors into one line and an exit status. The CLI
@@ -19,12 +19,13 @@ from knnformer.cli.index import add_index_parser
 from knnformer.cli.inspect import add_inspect_parser
 from knnformer.cli.lra import add_lra_parser
 from knnformer.cli.prepare import add_prepare_parser
+from knnformer.cli.sweep import add_sweep_parser
 from knnformer.cli.train import add_train_parser
 
 logger = logging.getLogger("knnformer")
 
 SUBCOMMANDS = (add_prepare_parser, add_index_parser, add_inspect_parser, add_train_parser, add_evaluate_parser,
-               add_generate_parser, add_lra_parser, add_demo_parser)  # in the order --help lists them
+               add_generate_parser, add_lra_parser, add_sweep_parser, add_demo_parser)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
