@@ -127,3 +127,11 @@ def test_sweep_runs_resumes_and_tabulates(tmp_path, byte_store):
     assert [r["bits_per_byte"] for r in rows2[:3]] == [r["bits_per_byte"] for r in rows[:3]]  # skipped
     with pytest.raises(ValueError, match="at least 5 points"):  # all 8 points are dense, but fit needs >= 5:
         fit_sweep(spec, out, rows2[:4])
+
+
+def test_bare_yaml_off_and_on_name_the_retrieval_modes(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("datastore: x\ngrid:\n  retrieval: [off, on]\n")  # YAML 1.1 reads these as booleans
+    points = expand(load_spec(path))
+    assert [p["retrieval"] for p in points] == ["off", "on"]
+    assert points[1]["sets"] == ["retrieval.enabled=true"]

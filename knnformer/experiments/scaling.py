@@ -99,7 +99,7 @@ def interval(values, level: float = 0.95) -> list[float] | None:
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
     if not len(v):
         return None
-    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
+    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)], method="nearest")  # no inf - inf
     return [float(lo), float(hi)]
 
 

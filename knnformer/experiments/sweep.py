@@ -81,6 +81,9 @@ def load_spec(path: str | Path) -> dict[str, Any]:
                              f"{', '.join(sorted(SPECIAL_GRID_KEYS))}")
         if key == "models" and not all(isinstance(v, dict) and v for v in values):
             raise ValueError("grid key 'models' lists mappings of config keys, e.g. {model.dim: 64, model.num_layers: 2}")
+    if "retrieval" in grid:  # YAML 1.1 reads a bare off / on as false / true
+        grid["retrieval"] = [{True: "on", False: "off"}.get(m, m) if isinstance(m, bool) else m
+                             for m in grid["retrieval"]]
     modes = {**BUILTIN_MODES, **(spec.get("retrieval_modes") or {})}
     for mode in grid.get("retrieval", []):
         if str(mode) not in modes:
