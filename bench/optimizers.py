@@ -57,9 +57,13 @@ def make_config(args, store, optimizer: str, lr: float):
 
 
 def runs_of(args) -> list[tuple[str, str, float]]:
-    """(kind, train.optimizer, lr) of every run; opt-list entries bring their own rate (train.lr is not read)."""
-    out = [(kind, kind, lr) for kind in ("adamw", "muon", "soap", "shampoo") for lr in getattr(args, f"lrs_{kind}")]
-    return out + [("opt-list", f"opt-list:{i}", 1e-3) for i in range(args.opt_list)]
+    """(kind, train.optimizer, lr) of every run of ``--optimizers``; opt-list entries bring their own rate
+    (train.lr is not read)."""
+    out = [(kind, kind, lr) for kind in ("adamw", "muon", "soap", "shampoo") if kind in args.optimizers
+           for lr in getattr(args, f"lrs_{kind}")]
+    if "opt-list" in args.optimizers:
+        out += [("opt-list", f"opt-list:{i}", 1e-3) for i in range(args.opt_list)]
+    return out
 
 
 def step_times(args, store) -> dict[str, dict]:
@@ -188,6 +192,11 @@ def main() -> None:
     p.add_argument("--lrs-soap", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     p.add_argument("--lrs-shampoo", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     p.add_argument("--opt-list", type=int, default=10, help="train the first N entries of the list")
+    p.add_argument("--optimizers", nargs="+", default=["adamw", "muon", "soap", "shampoo", "opt-list"],
+                   help="which optimizers to train")
+    p.add_argument("--merge", action="store_true",
+                   help="add these runs to a corpus already in --out (same settings), keeping its other runs and "
+                        "its interleaved step times")
     p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--speed-rounds", type=int, default=4)
@@ -207,9 +216,16 @@ def main() -> None:
         corpora.TOKENIZER, corpora.SUBSET = CORPORA[corpus]
         store = corpora.prepare(corpus, work)
         print(f"{corpus}: {store.manifest['num_tokens']:,} tokens, vocab {store.tokenizer.vocab_size}", flush=True)
-        speed = step_times(args, store)
+        before = report["corpora"].get(corpus) if args.merge else None
+        speed = before["step_times"] if before else step_times(args, store)
         print("  interleaved step times (ms):", {k: v["median_ms"] for k, v in speed.items()}, flush=True)
         runs = [run_one(args, store, work, name, lr) for _, name, lr in runs_of(args)]
+        if before:  # earlier runs of other optimizers or rates, in the order of the full grid
+            new = {(r["optimizer"], r["lr"]) for r in runs}
+            runs = [r for r in before["runs"] if (r["optimizer"], r["lr"]) not in new] + runs
+            order = {"adamw": 0, "muon": 1, "soap": 2, "shampoo": 3}
+            runs.sort(key=lambda r: (order.get(r["optimizer"], 4), int(r["optimizer"].partition(":")[2] or 0),
+                                     r["lr"] or 0))
         summary = summarise(runs, speed, args.steps)
         report["corpora"][corpus] = {"tokenizer": list(CORPORA[corpus][0]), "subset": f"1/{CORPORA[corpus][1]}",
                                      "train_tokens": len(store.split_tokens("train")), "step_times": speed,
