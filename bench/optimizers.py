@@ -41,6 +41,15 @@ from knnformer.train.trainer import train
 CORPORA = {"sympy": (("bpe", 4096), 4), "shakespeare": (("bytes", 0), 1)}  # tokenizer, 1/N subset
 
 
+def cpu_flags() -> list[str]:
+    """The lscpu flags that matter for these kernels (AVX-512, bf16, AMX)."""
+    import subprocess
+
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    flags = next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+
+
 def base_overrides(args, optimizer: str, lr: float) -> list[str]:
     return [f"model.num_layers={args.layers}", f"model.dim={args.dim}", f"model.num_heads={args.heads}",
             f"model.context={args.context}", f"train.steps={args.steps}", f"train.batch_size={args.batch}",
@@ -210,7 +219,8 @@ def main() -> None:
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {}
     report.update({"command": " ".join(["python -m bench.optimizers", *sys.argv[1:]]), "args": vars(args),
-                   "machine": machine(), "commit": git_state(), "load_before": os.getloadavg()})
+                   "machine": {**machine(), "flags": cpu_flags()}, "commit": git_state(),
+                   "load_before": os.getloadavg()})
     report.setdefault("corpora", {})
     for corpus in args.corpora:
         corpora.TOKENIZER, corpora.SUBSET = CORPORA[corpus]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -81,10 +82,13 @@ def test_retrieval_is_priced_in_dense_parameters(tmp_path):
     rows = []
     for n in np.geomspace(2e4, 2e6, 4):
         for d in (1e5, 1e6, 1e7):
-            rows.append({"name": f"d{n:.0f}-{d:.0f}", "values": {}, "retrieval": "off", "N": n, "D": d,
+            rows.append({"name": f"d{n:.0f}-{d:.0f}", "values": {"n": n, "d": d, "retrieval": "off"},
+                         "retrieval": "off", "N": n, "D": d,
                          "compute": 6 * n * d, "bits_per_byte": float(TRUE.loss(n, d)),
                          "filtered": {"0.125": float(TRUE.loss(n, d)) + 0.05}})
-    rows.append({"name": "retro", "values": {}, "retrieval": "on", "N": 1e5, "D": 1e6, "compute": 6e11,
+    twin = rows[1]  # the smallest dense model (N = 2e4) at D = 1e6; the retrieval model adds parameters to it
+    rows.append({"name": "retro", "values": {**twin["values"], "retrieval": "on"}, "retrieval": "on", "N": 1e5,
+                 "D": 1e6, "compute": 6e11,
                  "bits_per_byte": float(TRUE.loss(1e6, 1e6)), "filtered": {"0.125": float(TRUE.loss(2e5, 1e6)) + 0.05},
                  "filtered_fraction": {"0.125": 0.7}})
     spec = {"fit": {"bootstrap": 20, "budgets": [1e12]}}
@@ -94,6 +98,7 @@ def test_retrieval_is_priced_in_dense_parameters(tmp_path):
     lo, hi = worth["multiplier_interval"]
     assert lo <= worth["multiplier"] <= hi
     assert worth["alpha0.125"]["multiplier"] == pytest.approx(2, rel=0.05)
+    assert worth["base_N"] == twin["N"] and worth["multiplier_vs_base"] == pytest.approx(1e6 / twin["N"], rel=0.05)
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "fit.json").read_text())["dense_points"] == 12
 
@@ -118,10 +123,7 @@ def test_sweep_runs_resumes_and_tabulates(tmp_path, byte_store):
     killed = out / "points" / points[3]["name"]
     (killed / "result.json").unlink()
     before = rows[3]["bits_per_byte"]
-    final = sorted((killed / "run" / "checkpoints").iterdir())[-1]
-    import shutil
-
-    shutil.rmtree(final)
+    shutil.rmtree(max((killed / "run" / "checkpoints").iterdir()))
     rows2 = run_sweep(spec, out)
     assert rows2[3]["bits_per_byte"] == pytest.approx(before, rel=1e-6)  # resumed from step 4: same run
     assert [r["bits_per_byte"] for r in rows2[:3]] == [r["bits_per_byte"] for r in rows[:3]]  # skipped

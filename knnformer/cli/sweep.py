@@ -52,6 +52,9 @@ def cmd_sweep(args) -> int:
     for r in fit["retrieval_worth"]:
         lo, hi = r["multiplier_interval"] or (float("nan"), float("nan"))
         line = f"  {r['name']}: worth {r['multiplier']:.3g}x its parameters [{lo:.3g}, {hi:.3g}]"
+        if "multiplier_vs_base" in r:
+            blo, bhi = r["multiplier_vs_base_interval"] or (float("nan"), float("nan"))
+            line += f", {r['multiplier_vs_base']:.3g}x its dense twin's [{blo:.3g}, {bhi:.3g}]"
         key = next((k for k in r if k.startswith("alpha")), None)
         if key:
             a = r[key]

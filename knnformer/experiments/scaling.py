@@ -120,7 +120,8 @@ def bootstrap(N, D, L, samples: int, seed: int, law: Law) -> list[Law]:
     return laws
 
 
-def plot_frontier(points: list[dict], law: Law, laws: list[Law], path, title: str, budgets: list[float]) -> None:
+def plot_frontier(points: list[dict], law: Law, laws: list[Law], path, ylabel: str, title: str,
+                  budgets: list[float]) -> None:
     """Loss against training compute (6 N D) of every point, dense and retrieval apart, with the fitted
     compute-optimal frontier L(N_opt(C), D_opt(C)) and its bootstrap band; written as a PNG."""
     import matplotlib
@@ -145,7 +146,7 @@ def plot_frontier(points: list[dict], law: Law, laws: list[Law], path, title: st
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training compute 6 N D (FLOPs; N without the embedding)")
-    ax.set_ylabel("valid loss (the fitted target)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     if points:
         fig.colorbar(sc, ax=ax, label="log10 N")

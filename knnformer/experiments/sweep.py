@@ -66,10 +66,11 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ValueError(f"sweep spec {path} is not valid YAML: {e}") from None
     if not isinstance(spec, dict):
-        raise ValueError(f"sweep spec {path} must be a mapping with a grid")
+        raise ValueError(f"sweep spec {path} must be a mapping with a grid")  # noqa: TRY004 (the CLI's error type)
     unknown = set(spec) - SPEC_KEYS
     if unknown:
-        raise ValueError(f"unknown sweep spec key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(SPEC_KEYS))})")
+        raise ValueError(f"unknown sweep spec key(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(SPEC_KEYS))})")
     grid = spec.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise ValueError("the sweep spec's grid is empty: give it at least one key with a list of values")
@@ -80,7 +81,8 @@ def load_spec(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"unknown grid key {key!r}: use a config key such as model.dim, or one of "
                              f"{', '.join(sorted(SPECIAL_GRID_KEYS))}")
         if key == "models" and not all(isinstance(v, dict) and v for v in values):
-            raise ValueError("grid key 'models' lists mappings of config keys, e.g. {model.dim: 64, model.num_layers: 2}")
+            raise ValueError("grid key 'models' lists mappings of config keys, "
+                             "e.g. {model.dim: 64, model.num_layers: 2}")
     if "retrieval" in grid:  # YAML 1.1 reads a bare off / on as false / true
         grid["retrieval"] = [{True: "on", False: "off"}.get(m, m) if isinstance(m, bool) else m
                              for m in grid["retrieval"]]
@@ -245,11 +247,11 @@ def run_sweep(spec: dict[str, Any], out: str | Path, parallel: int | None = None
     else:
         with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(run_point, spec, p, str(out), per_point): p["name"] for p in points}
-            for future in futures:  # in grid order; the pool runs them `parallel` at a time
-                rows[futures[future]] = future.result()
+            for future, name in futures.items():  # in grid order; the pool runs them `parallel` at a time
+                rows[name] = future.result()
                 write_summary(out, [rows[p["name"]] for p in points if p["name"] in rows])
                 if progress:
-                    progress(rows[futures[future]])
+                    progress(rows[name])
     return [rows[p["name"]] for p in points]
 
 
@@ -303,12 +305,24 @@ def fit_sweep(spec: dict[str, Any], out: str | Path, rows: list[dict[str, Any]])
         laws_a = bootstrap(fN, fD, fL, samples, seed, law_a)
         result[f"alpha{alpha}"] = _law_summary(law_a, laws_a)
     result["retrieval_worth"] = []
+
+    def base_key(row):  # the point's grid values but for retrieval: its dense twin has the same key
+        return json.dumps({k: v for k, v in row["values"].items() if k != "retrieval"}, sort_keys=True)
+
+    twins = {base_key(r): r for r in dense}
     for r in retrieval:
         entry = {"name": r["name"], "retrieval": r["retrieval"], "N": r["N"], "D": r["D"], target: r[target]}
         n_eq = dense_equivalent(law, r[target], r["D"])
-        boot = [dense_equivalent(lw, r[target], r["D"]) / r["N"] for lw in laws]
-        entry.update({"dense_equivalent_N": n_eq, "multiplier": n_eq / r["N"], "multiplier_interval": interval(boot),
-                      "beyond_law_share": sum(math.isinf(b) for b in boot) / len(boot)})
+        eqs = [dense_equivalent(lw, r[target], r["D"]) for lw in laws]
+        entry.update({"dense_equivalent_N": n_eq, "multiplier": n_eq / r["N"],
+                      "multiplier_interval": interval([e / r["N"] for e in eqs]),
+                      "beyond_law_share": sum(math.isinf(e) for e in eqs) / len(eqs),
+                      "extrapolated": n_eq > max(N)})  # past the largest dense N the law was fitted on
+        twin = twins.get(base_key(r))
+        if twin is not None:  # over the same model without its retrieval parameters (RETRO's comparison)
+            entry.update({"base_N": twin["N"], "base_" + target: twin[target],
+                          "multiplier_vs_base": n_eq / twin["N"],
+                          "multiplier_vs_base_interval": interval([e / twin["N"] for e in eqs])})
         if law_a is not None and alpha in r.get("filtered", {}):
             loss_a = r["filtered"][alpha]
             n_a = dense_equivalent(law_a, loss_a, r["D"])
@@ -318,7 +332,7 @@ def fit_sweep(spec: dict[str, Any], out: str | Path, rows: list[dict[str, Any]])
                                       "kept_fraction": r.get("filtered_fraction", {}).get(alpha)}
         result["retrieval_worth"].append(entry)
     plotted = [{"compute": r["compute"], "loss": r[target], "N": r["N"], "retrieval": r["retrieval"]} for r in rows]
-    plot_frontier(plotted, law, laws, out / "frontier.png",
+    plot_frontier(plotted, law, laws, out / "frontier.png", f"valid {target.replace('_', ' ')}",
                   f"{len(dense)} dense + {len(retrieval)} retrieval points; "
                   f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3g} + {law.B:.3g}/D^{law.beta:.3g} ({target})",
                   budgets)

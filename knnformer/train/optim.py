@@ -2,8 +2,8 @@
 only and a learned retriever's own parameter group; or Muon (torch's), SOAP or Shampoo (pytorch-optimizer's) for
 the hidden weight matrices with that AdamW for the rest; or entry N of the learned NAdamW list (``opt-list:N``,
 opt_list.py). Then the learning rate of each step, linear warmup then cosine decay, or an opt-list entry's own
-schedule (``lr_at``), and the Performer's random features redrawn every ``redraw_interval`` steps from a generator seeded
-by the step, so a resumed run draws the same ones (``redraw_due``, ``redraw_step``).
+schedule (``lr_at``), and the Performer's random features redrawn every ``redraw_interval`` steps from a
+generator seeded by the step, so a resumed run draws the same ones (``redraw_due``, ``redraw_step``).
 """
 
 from __future__ import annotations
