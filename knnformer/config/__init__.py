@@ -221,6 +221,9 @@ class TrainConfig:
     """``adamw``; ``muon``, ``soap`` or ``shampoo`` for the hidden weight matrices (AdamW for the rest, same ``lr``);
     or ``opt-list:N``, entry N of the learned NAdamW list, which brings its own rate, schedule and decays
     (train/optim.py, train/opt_list.py)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files of every step's metrics into ``RUN/tensorboard/`` (needs the
+    ``tensorboard`` package)."""
 
     def validate(self) -> None:
         parse_optimizer(self.optimizer)
