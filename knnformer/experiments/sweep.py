@@ -317,7 +317,7 @@ def fit_sweep(spec: dict[str, Any], out: str | Path, rows: list[dict[str, Any]])
         entry.update({"dense_equivalent_N": n_eq, "multiplier": n_eq / r["N"],
                       "multiplier_interval": interval([e / r["N"] for e in eqs]),
                       "beyond_law_share": sum(math.isinf(e) for e in eqs) / len(eqs),
-                      "extrapolated": n_eq > max(N)})  # past the largest dense N the law was fitted on
+                      "extrapolated": bool(n_eq > max(N))})  # past the largest dense N the law was fitted on
         twin = twins.get(base_key(r))
         if twin is not None:  # over the same model without its retrieval parameters (RETRO's comparison)
             entry.update({"base_N": twin["N"], "base_" + target: twin[target],
