@@ -90,3 +90,29 @@ def test_retrieval_with_a_cache_needs_the_generation_cache():
     with pytest.raises(ValueError, match="generation_cache"):
         model(torch.zeros(1, 4, dtype=torch.long), cache=empty_cache(model.config, 1, "cpu", torch.float32),
               neighbours=nb, neighbour_mask=mask)
+
+
+def test_cached_sampling_of_a_run_equals_recomputing_the_window(tmp_path):
+    """A trained retrieval run with its real index: greedy tokens over the KV cache are those of the full-window
+    recompute while the text fits the context, and the same chunks are retrieved."""
+    from test_retrieval_model import repeated_text_store
+
+    from knnformer.config import load_config
+    from knnformer.run.record import load_run
+    from knnformer.serve.generate import RetrievingGenerator
+    from knnformer.train.trainer import train
+
+    store = repeated_text_store(tmp_path)
+    config = load_config("tiny", ["model.context=64", "train.steps=20", "train.eval_interval=0",
+                                  "retrieval.enabled=true"])
+    config.model.vocab_size = 256
+    train(tmp_path / "run", store, config)
+    model, record, _ = load_run(tmp_path / "run")
+    prompt = [int(t) for t in store.split_tokens("valid")[:21]]
+    runs = []
+    for cache in (True, False):
+        gen = RetrievingGenerator.for_run(model, store, tmp_path / "run", record)
+        runs.append((list(gen.sample(prompt, 64 - 21, temperature=0, cache=cache)), sorted(gen.retrieved)))
+    assert runs[0] == runs[1] and len(runs[0][1]) == 4
+    gen = RetrievingGenerator.for_run(model, store, tmp_path / "run", record)
+    assert len(list(gen.sample(prompt, 150, temperature=0.8, seed=0))) == 150  # past the context: rebuilt
