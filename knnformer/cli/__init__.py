@@ -19,12 +19,14 @@ from knnformer.cli.index import add_index_parser
 from knnformer.cli.inspect import add_inspect_parser
 from knnformer.cli.lra import add_lra_parser
 from knnformer.cli.prepare import add_prepare_parser
+from knnformer.cli.serve import add_serve_parser
 from knnformer.cli.train import add_train_parser
 
 logger = logging.getLogger("knnformer")
 
 SUBCOMMANDS = (add_prepare_parser, add_index_parser, add_inspect_parser, add_train_parser, add_evaluate_parser,
                add_generate_parser, add_lra_parser, add_demo_parser)  # in the order --help lists them
+SUBCOMMANDS += (add_serve_parser,)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,187 @@
+"""The server, over real HTTP on 127.0.0.1 with a trained tiny retrieval run and its real index: the official
+``openai`` client works (plain and streamed), citations point at the datastore's real text, streaming and
+batching do not change what is generated, errors are 4xx in OpenAI's shape, a full queue answers 429, and a
+client that leaves cancels its generation."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from test_retrieval_model import repeated_text_store
+
+from knnformer.config import load_config
+from knnformer.serve.background import BackgroundServer
+from knnformer.serve.server import open_service
+from knnformer.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    """(run folder, datastore) of a tiny retrieval run over text whose lines repeat across documents."""
+    tmp = tmp_path_factory.mktemp("serve")
+    store = repeated_text_store(tmp)
+    config = load_config("tiny", ["model.context=64", "train.steps=30", "train.eval_interval=15",
+                                  "retrieval.enabled=true"])
+    config.model.vocab_size = 256
+    train(tmp / "run", store, config)
+    return tmp / "run", store
+
+
+@pytest.fixture(scope="module")
+def server(served_run):
+    with BackgroundServer(open_service(served_run[0], max_batch=4, max_queue=8)) as url:
+        yield url
+
+
+def document_texts(store) -> dict[str, bytes]:
+    return {doc_id: store.tokenizer.decode(store.tokens[row["start"] : row["start"] + row["length"]]).encode()
+            for row, doc_id in zip(store.docs, store.doc_ids)}
+
+
+def check_citations(citations: list[dict], text: str, store) -> None:
+    """Every source is real train text at its stated byte span; spans cover the completion in order."""
+    docs = document_texts(store)
+    assert citations
+    for g in citations:
+        assert 0 <= g["span"][0] <= g["span"][1] <= len(text)
+        assert g["read_by_model"] is True and len(g["query"]) == 16
+        for s in g["sources"]:
+            a, b = s["byte_span"]
+            assert s["split"] == "train" and docs[s["doc_id"]][a:b] == s["text"].encode()
+    assert [g["span"][0] for g in citations] == sorted(g["span"][0] for g in citations)
+
+
+def prompt_of(store, n: int = 40) -> str:
+    return store.tokenizer.decode(store.split_tokens("valid")[:n])
+
+
+def test_openai_client_completes_and_cites_real_sources(server, served_run):
+    from openai import OpenAI
+
+    _, store = served_run
+    client = OpenAI(base_url=server + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["run"]
+    prompt = prompt_of(store)
+    out = client.completions.create(model="run", prompt=prompt, max_tokens=40, temperature=0.7, seed=3)
+    text = out.choices[0].text
+    assert out.usage.completion_tokens == 40 and out.choices[0].finish_reason == "length"
+    check_citations(out.model_extra["citations"], text, store)
+    # the prompt's chunk 1 is a line also found in train: the neighbours it retrieved include that exact text
+    stream = client.completions.create(model="run", prompt=prompt, max_tokens=40, temperature=0.7, seed=3,
+                                       stream=True)
+    pieces, streamed_groups, final = [], [], None
+    for chunk in stream:
+        pieces.append(chunk.choices[0].text)
+        extra = chunk.model_extra or {}
+        if chunk.choices[0].finish_reason:
+            final = extra["citations"]
+        elif extra.get("citations"):
+            streamed_groups += extra["citations"]
+    assert "".join(pieces) == text  # streaming changes nothing: same seed, same text
+    assert final == out.model_extra["citations"]
+    assert [g["sources"] for g in streamed_groups] == [g["sources"] for g in final]
+
+
+def test_batching_does_not_change_what_a_request_generates(server, served_run):
+    """Greedy completions of different prompts, run alone and then all at once (batched in one step), agree."""
+    import concurrent.futures
+
+    _, store = served_run
+    tokens = store.split_tokens("valid")
+    prompts = [store.tokenizer.decode(tokens[i : i + 20 + 7 * i]) for i in range(4)]
+
+    def complete(p):
+        r = httpx.post(server + "/v1/completions", json={"prompt": p, "max_tokens": 30, "temperature": 0},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    alone = [complete(p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(complete, prompts))
+    assert together == alone
+
+
+def test_retrieval_off_generates_without_the_neighbours(server, served_run):
+    _, store = served_run
+    body = {"prompt": prompt_of(store), "max_tokens": 30, "temperature": 0}
+    on = httpx.post(server + "/v1/completions", json=body, timeout=60).json()
+    off = httpx.post(server + "/v1/completions", json={**body, "retrieval": False}, timeout=60).json()
+    assert on["retrieval"] is True and off["retrieval"] is False
+    assert all(not g["read_by_model"] for g in off["citations"])  # still searched, shown as not read
+
+
+def test_bad_requests_get_openai_shaped_4xx(server):
+    def post(body, **kw):
+        return httpx.post(server + "/v1/completions", timeout=30, **({"json": body} | kw))
+
+    cases = [
+        (post(None, content=b"{not json", headers={"content-type": "application/json"}), 400, "JSON"),
+        (post({"prompt": "a", "max_tokens": "5"}), 400, "max_tokens"),
+        (post({"prompt": "a", "max_tokens": 5.5}), 400, "max_tokens"),
+        (post({"prompt": "a", "frobnicate": 1}), 400, "unknown field"),
+        (post({"prompt": "a", "temperature": -1}), 400, "temperature"),
+        (post({"prompt": "a", "max_tokens": 10**6}), 400, "max_tokens"),
+        (post({"prompt": ["a", "b"]}), 400, "one prompt"),
+        (post([1, 2]), 400, "JSON object"),
+        (post({"prompt": "a" * (2 << 20)}), 413, "bytes"),
+        (httpx.post(server + "/v1/chat/completions", json={"messages": []}), 400, "base language model"),
+        (httpx.get(server + "/v1/nothing"), 404, "Not Found"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status, (response.status_code, response.text)
+        error = response.json()["error"]
+        assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_a_long_prompt_is_cut_from_the_left_and_the_response_says_so(server):
+    r = httpx.post(server + "/v1/completions", json={"prompt": "abcdefgh " * 20, "max_tokens": 5}, timeout=30)
+    body = r.json()
+    assert r.status_code == 200 and body["prompt_tokens_dropped"] == 180 - 64 and "cut" in body["warning"]
+    assert body["usage"]["prompt_tokens"] == 64
+
+
+def test_retrieve_models_health_and_metrics(server, served_run):
+    _, store = served_run
+    text = prompt_of(store)[16:32]
+    r = httpx.post(server + "/v1/retrieve", json={"text": text, "k": 3}).json()
+    assert len(r["data"]) == 3 and r["data"][0]["text"] == text  # the line occurs in train
+    docs = document_texts(store)
+    for s in r["data"]:
+        assert docs[s["doc_id"]][s["byte_span"][0] : s["byte_span"][1]] == s["text"].encode()
+    assert httpx.post(server + "/v1/retrieve", json={"text": ""}).status_code == 400
+    assert httpx.get(server + "/healthz").json() == {"status": "ok"}
+    info = httpx.get(server + "/v1/info").json()
+    assert info["retrieval"] and info["evaluation"]["valid_bits_per_byte"] > 0
+    metrics = httpx.get(server + "/metrics").text
+    for series in ("knnformer_tokens_generated_total", "knnformer_time_to_first_token_seconds_bucket",
+                   "knnformer_inter_token_seconds_count", "knnformer_retrieval_seconds_sum",
+                   "knnformer_queue_length", 'knnformer_requests_total{path="/v1/completions",status="200"}'):
+        assert series in metrics, series
+
+
+def test_a_full_queue_answers_429_and_a_client_that_leaves_cancels(served_run):
+    with BackgroundServer(open_service(served_run[0], max_batch=1, max_queue=1)) as url:
+        body = {"prompt": "abc", "max_tokens": 1000, "stream": True}
+        with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions", json=body) as first:
+            lines = first.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))  # generating: the one row is taken
+            with httpx.Client(timeout=60) as c2, c2.stream("POST", url + "/v1/completions", json=body) as second:
+                time.sleep(0.3)  # queued behind the first
+                third = httpx.post(url + "/v1/completions", json=body, timeout=30)
+                assert third.status_code == 429 and third.headers["retry-after"] == "1"
+                assert third.json()["error"]["type"] == "rate_limit_error"
+                first.close()  # the first client leaves: its row is freed and the second starts
+                got = next(line for line in second.iter_lines() if line.startswith("data:"))
+                assert json.loads(got[5:])["choices"][0]["text"] is not None
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            metrics = httpx.get(url + "/metrics").text
+            if "knnformer_requests_cancelled_total 2" in metrics and "knnformer_active_rows 0" in metrics:
+                break
+            time.sleep(0.1)
+        assert "knnformer_requests_cancelled_total 2" in metrics and "knnformer_requests_rejected_total 1" in metrics
+        assert "knnformer_active_rows 0" in metrics
