@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +25,10 @@ import httpx
 from bench.generate_cache import cpu_flags
 from bench.speed import git_state, machine
 from knnformer.serve.background import free_port
+
+
+def mib(b: float) -> float:
+    return round(b / 2**20, 1)
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -178,7 +181,6 @@ def main() -> None:
             server.kill()
     s1, sn = single.summary(single_s), load.summary(load_s)
     ratio = sn["tokens_per_s"] / s1["tokens_per_s"] if s1["tokens_per_s"] else None
-    mib = lambda b: round(b / 2**20, 1)  # noqa: E731
     memory_mib = [(t, mib(b)) for t, b in memory]
     second_half = [b for t, b in memory if t >= args.seconds / 2]
     result = {

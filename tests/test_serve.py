@@ -185,3 +185,20 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_cancels(served_run):
             time.sleep(0.1)
         assert "knnformer_requests_cancelled_total 2" in metrics and "knnformer_requests_rejected_total 1" in metrics
         assert "knnformer_active_rows 0" in metrics
+
+
+def test_the_server_generates_what_the_generator_does_past_the_context(server, served_run):
+    """Greedy text from the batching engine equals RetrievingGenerator.sample's (knnformer generate), over more
+    tokens than the context holds, so both rebuild their window the same way."""
+    from knnformer.run.record import load_run
+    from knnformer.serve.generate import RetrievingGenerator, stream_text
+
+    run, store = served_run
+    prompt = prompt_of(store)
+    model, record, _ = load_run(run)
+    gen = RetrievingGenerator.for_run(model, store, run, record)
+    ids = list(gen.sample(store.tokenizer.encode(prompt), 100, temperature=0))
+    expected = "".join(stream_text(store.tokenizer, iter(ids)))
+    r = httpx.post(server + "/v1/completions", json={"prompt": prompt, "max_tokens": 100, "temperature": 0},
+                   timeout=60).json()
+    assert r["choices"][0]["text"] == expected and r["usage"]["completion_tokens"] == 100

@@ -146,7 +146,8 @@ class Engine:
             if len(req.ids) - req.w0 > self.context:  # its window is full: rebuild the row from the last half
                 req.w0 = rebuilt_window_start(len(req.ids), self.context, self.chunk_size)
                 self._prefill(row, req)
-            req.gen.fill_slots(self.pool.retrieval, row, len(req.ids), req.w0)
+            if len(req.ids) % self.chunk_size == 0:  # a chunk just completed: its slot is new
+                req.gen.fill_slots(self.pool.retrieval, row, len(req.ids), req.w0)
         tokens = torch.tensor([[req.ids[-1]] for req in self.active], dtype=torch.long)
         t0 = time.perf_counter()
         logits, _ = self.model(tokens, cache=self.pool.rows(slice(0, n)))
