@@ -202,3 +202,42 @@ def test_the_server_generates_what_the_generator_does_past_the_context(server, s
     r = httpx.post(server + "/v1/completions", json={"prompt": prompt, "max_tokens": 100, "temperature": 0},
                    timeout=60).json()
     assert r["choices"][0]["text"] == expected and r["usage"]["completion_tokens"] == 100
+
+
+def test_stop_sequences_end_the_text_before_them_streamed_or_not(server, served_run):
+    _, store = served_run
+    body = {"prompt": prompt_of(store), "max_tokens": 60, "temperature": 0}
+    full = httpx.post(server + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    stop = full[20:22]
+    want = full[: full.index(stop)]
+    plain = httpx.post(server + "/v1/completions", json={**body, "stop": [stop, "\x00never"]}, timeout=60).json()
+    assert plain["choices"][0]["text"] == want and plain["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream("POST", server + "/v1/completions", json={**body, "stop": stop, "stream": True}) as r:
+        chunks = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_cli_warns_when_bound_beyond_this_machine(served_run):
+    import subprocess
+    import sys
+
+    from knnformer.serve.background import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "knnformer.cli", "serve", str(served_run[0]), "--host",
+                             "127.0.0.2", "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.2:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("knnformer serve did not start")
+    finally:
+        proc.terminate()
+        err = proc.communicate(timeout=30)[1]
+    assert "warning: serving on 127.0.0.2" in err and "no authentication" in err
