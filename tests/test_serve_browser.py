@@ -27,7 +27,7 @@ def open_browser(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
 
 
-def test_the_page_streams_a_completion_and_shows_its_real_sources(served_run, tmp_path):
+def test_the_page_streams_a_completion_and_shows_its_real_sources(served_run, tmp_path):  # noqa: F811
     sync_api = pytest.importorskip("playwright.sync_api")
     run, store = served_run
     docs = document_texts(store)

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from knnformer.model.layers import KVCache
 from knnformer.serve.generate import RetrievingGenerator, pick_token, rebuilt_window_start
 
 logger = logging.getLogger(__name__)
@@ -75,10 +74,10 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics
         self.context = model.config.context
-        self.pool = make_generator(True).new_cache(max_batch)
-        if not isinstance(self.pool, KVCache):
+        if model.config.attention != "softmax":
             raise ValueError("the server batches over KV caches: it serves softmax-attention models, "
                              "not model.attention=performer")
+        self.pool = make_generator(True).new_cache(max_batch)
         self.pool.length = torch.zeros(max_batch, dtype=torch.long)
         self.chunk_size = make_generator(True).C
         self.waiting: collections.deque[Request] = collections.deque()
