@@ -51,6 +51,7 @@ def check_citations(citations: list[dict], text: str, store) -> None:
         for s in g["sources"]:
             a, b = s["byte_span"]
             assert s["split"] == "train" and docs[s["doc_id"]][a:b] == s["text"].encode()
+            assert docs[s["doc_id"]][b:].startswith(s["continuation"].encode())  # what the model read after it
     assert [g["span"][0] for g in citations] == sorted(g["span"][0] for g in citations)
 
 

@@ -150,9 +150,13 @@ def open_service(run_dir: str | Path, datastore: str | None = None, max_batch: i
             if cid < 0:
                 continue
             src = provenance(store, retriever.layout, cid)
+            C = gen.C
+            after = nb.tokens[0, j, C:][nb.mask[0, j, C:]] if rcfg.continuation else []
             out.append({"doc_id": src.doc_id, "chunk_id": cid, "split": src.split,
                         "byte_span": [src.byte_offset, src.byte_offset + len(src.text.encode("utf-8"))],
-                        "score": float(nb.scores[0, j]), "text": src.text})
+                        "score": float(nb.scores[0, j]), "text": src.text,
+                        # the chunk after it, which the model reads too (RETRO's continuation)
+                        "continuation": store.tokenizer.decode(after.tolist()) if len(after) else ""})
         return out
 
     metrics = Metrics()
