@@ -242,3 +242,22 @@ def test_the_cli_warns_when_bound_beyond_this_machine(served_run):
         proc.terminate()
         err = proc.communicate(timeout=30)[1]
     assert "warning: serving on 127.0.0.2" in err and "no authentication" in err
+
+
+def test_the_server_searches_bm25_with_numba_and_the_same_scores(tmp_path):
+    import numpy as np
+    from conftest import make_datastore
+
+    from knnformer.retrieval.build import index_datastore
+    from knnformer.retrieval.live import open_retriever
+    from knnformer.serve.server import fast_bm25
+
+    pytest.importorskip("numba")
+    store = make_datastore(tmp_path)
+    index_datastore(store.path, embedder="bm25", k=2, chunk_size=16)
+    plain, fast = open_retriever(store), open_retriever(store)
+    fast_bm25(fast)
+    assert fast.index.backend == "numba" and plain.index.backend is None
+    texts = ["the corpus is its memory", "every chunk it retrieves", "café naïve"]
+    a, b = plain.search(texts, 4), fast.search(texts, 4)
+    assert np.allclose(a.D, b.D)

@@ -122,6 +122,21 @@ def run_info(run_dir: Path, model, record: dict, store, k: int) -> dict:
             "embedder": rcfg.search.embedder, "trained_steps": last_step, "evaluation": last_eval}
 
 
+def fast_bm25(retriever) -> None:
+    """A bm25 index searches with bm25s's numba backend, compiled here once (a few seconds) rather than on the
+    first request: ~10x faster per live query than numpy's (see ``BM25Index.backend``), with the same scores and
+    the tie order the precomputed training neighbours were searched with (large batches use numba too)."""
+    index = getattr(retriever, "index", None)
+    if getattr(index, "kind", None) != "bm25":
+        return
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return
+    index.backend = "numba"
+    retriever.search(["warm up"], 1)
+
+
 def open_service(run_dir: str | Path, datastore: str | None = None, max_batch: int = 16, max_queue: int = 64,
                  max_tokens: int = 1024) -> Service:
     """Load a run, open its index once and start the engine."""
@@ -136,6 +151,7 @@ def open_service(run_dir: str | Path, datastore: str | None = None, max_batch: i
         retriever, frozen = open_generation_retriever(model, store, run_dir, record, feed=rcfg.enabled)
     except ValueError as e:
         raise ValueError(f"serving cites the datastore's chunks, so it needs an index: {e}") from None
+    fast_bm25(retriever)
     retriever = LockedRetriever(retriever)
     k = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else 2
 
