@@ -261,3 +261,18 @@ def test_the_server_searches_bm25_with_numba_and_the_same_scores(tmp_path):
     texts = ["the corpus is its memory", "every chunk it retrieves", "café naïve"]
     a, b = plain.search(texts, 4), fast.search(texts, 4)
     assert np.allclose(a.D, b.D)
+
+
+def test_a_plain_request_whose_client_leaves_is_cancelled(server):
+    def cancelled() -> float:
+        line = next((x for x in httpx.get(server + "/metrics").text.splitlines()
+                     if x.startswith("knnformer_requests_cancelled_total ")), "x 0")
+        return float(line.split()[1])
+
+    before = cancelled()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/completions", json={"prompt": "abc", "max_tokens": 1000}, timeout=0.5)
+    deadline = time.time() + 20
+    while cancelled() == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert cancelled() == before + 1

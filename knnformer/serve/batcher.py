@@ -44,6 +44,7 @@ class Request:
     seed: int | None = None
     retrieval: bool = True
     stop: list[str] = field(default_factory=list)
+    channel: object = None  # for the engine's ``deliver``: where this request's events go (the server's queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     # set by the worker
@@ -66,13 +67,19 @@ class Engine:
 
     def __init__(self, model, tokenizer, make_generator: Callable[[bool], RetrievingGenerator],
                  citation_sources: Callable[[RetrievingGenerator, int], list[dict]], max_batch: int = 16,
-                 max_queue: int = 64, metrics=None):
+                 max_queue: int = 64, metrics=None,
+                 deliver: Callable[[list[tuple[Request, dict]]], None] | None = None):
+        """``deliver``: hands one iteration's events of all requests over at once (one wake-up of the server's
+        event loop per batched step, not one per token and request: on a busy CPU each hand-over between threads
+        waits for the scheduler); without it each event goes to its request's ``emit``."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model, tokenizer
         self.make_generator, self.citation_sources = make_generator, citation_sources
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics
+        self.deliver = deliver
+        self.outbox: list[tuple[Request, dict]] = []
         self.context = model.config.context
         if model.config.attention != "softmax":
             raise ValueError("the server batches over KV caches: it serves softmax-attention models, "
@@ -129,13 +136,31 @@ class Engine:
             except Exception as e:  # a bug must not kill the worker silently: fail every running request
                 logger.exception("engine iteration failed")
                 for req in self.active:
-                    req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+                    self._send(req, {"error": f"generation failed: {type(e).__name__}: {e}"})
                 self.active = []
+                self._flush()
         for req in [*self.active, *self.waiting]:
             req.emit({"error": "the server is shutting down"})
 
-    @torch.no_grad()
+    def _send(self, req: Request, event: dict) -> None:
+        self.outbox.append((req, event))
+
+    def _flush(self) -> None:
+        out, self.outbox = self.outbox, []
+        if self.deliver is not None:
+            self.deliver(out)
+        else:
+            for req, event in out:
+                req.emit(event)
+
     def _iteration(self) -> None:
+        try:
+            self._step_all()
+        finally:
+            self._flush()
+
+    @torch.no_grad()
+    def _step_all(self) -> None:
         self._admit()
         self._drop_cancelled()
         if not self.active:
@@ -173,7 +198,7 @@ class Engine:
             try:
                 self._start(req)
             except ValueError as e:
-                req.emit({"error": str(e)})
+                self._send(req, {"error": str(e)})
 
     def _start(self, req: Request) -> None:
         req.gen = self.make_generator(req.retrieval)
@@ -242,7 +267,7 @@ class Engine:
         hold = 0 if reason else max((len(s) - 1 for s in req.stop), default=0)
         upto = max(req.sent, len(req.text) - hold)
         if upto > req.sent or new_groups:
-            req.emit({"text": req.text[req.sent : upto], "citations": new_groups})
+            self._send(req, {"text": req.text[req.sent : upto], "citations": new_groups})
             req.sent = upto
         if reason is None and len(req.ids) % self.chunk_size == 0:
             req.gen.retrieve(req.ids, len(req.ids) // self.chunk_size - 1)
@@ -270,11 +295,11 @@ class Engine:
     def _finish(self, row: int, reason: str) -> None:
         req = self.active[row]
         if req.sent < len(req.text):
-            req.emit({"text": req.text[req.sent :], "citations": []})
+            self._send(req, {"text": req.text[req.sent :], "citations": []})
             req.sent = len(req.text)
         for g in req.groups:
             g["span"][1] = min(g["span"][1], len(req.text))
-        req.emit({"done": reason, "citations": [{**g, "span": list(g["span"])} for g in req.groups],
+        self._send(req, {"done": reason, "citations": [{**g, "span": list(g["span"])} for g in req.groups],
                   "usage": {"prompt_tokens": len(req.prompt_ids), "completion_tokens": req.generated,
                             "total_tokens": len(req.prompt_ids) + req.generated}})
         self._free(row)

@@ -122,6 +122,24 @@ def run_info(run_dir: Path, model, record: dict, store, k: int) -> dict:
             "embedder": rcfg.search.embedder, "trained_steps": last_step, "evaluation": last_eval}
 
 
+def deliver_events(batch: list[tuple[Request, dict]]) -> None:
+    """One batched step's events, handed to each event loop in one call (runs on the engine's thread)."""
+    by_loop: dict = {}
+    for req, event in batch:
+        loop, queue = req.channel
+        by_loop.setdefault(loop, []).append((queue, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(put_all, items)
+        except RuntimeError:  # that loop is gone (shutdown)
+            pass
+
+
+def put_all(items: list) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 def fast_bm25(retriever) -> None:
     """A bm25 index searches with bm25s's numba backend, compiled here once (a few seconds) rather than on the
     first request: ~10x faster per live query than numpy's (see ``BM25Index.backend``), with the same scores and
@@ -176,7 +194,8 @@ def open_service(run_dir: str | Path, datastore: str | None = None, max_batch: i
         return out
 
     metrics = Metrics()
-    engine = Engine(model, store.tokenizer, make_generator, citation_sources, max_batch, max_queue, metrics)
+    engine = Engine(model, store.tokenizer, make_generator, citation_sources, max_batch, max_queue, metrics,
+                    deliver_events)
     metrics.gauge("queue_length", engine.queue_length)
     metrics.gauge("active_rows", engine.busy_rows)
     engine.start()
@@ -321,7 +340,8 @@ def create_app(service: Service):
             except RuntimeError:  # the loop is gone (shutdown)
                 pass
 
-        req = Request(ids, body.max_tokens, emit, body.temperature, body.top_p, body.seed, body.retrieval, stops)
+        req = Request(ids, body.max_tokens, emit, body.temperature, body.top_p, body.seed, body.retrieval, stops,
+                      channel=(loop, events))
         if not service.engine.submit(req):
             service.metrics.inc("requests_rejected_total")
             raise ApiError(429, f"the server is busy ({service.engine.max_queue} requests waiting); retry shortly",
@@ -364,15 +384,21 @@ def create_app(service: Service):
             return StreamingResponse(sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+        async def watch_disconnect():  # a client that leaves cancels its generation
+            while not req.cancelled.is_set():
+                if await request.is_disconnected():
+                    req.cancelled.set()
+                    events.put_nowait({"error": "client closed the request", "gone": True})
+                    return
+                await asyncio.sleep(0.5)
+
+        watcher = asyncio.create_task(watch_disconnect())
         text = []
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse(error_body("client closed the request"), 499)
-                    continue
+                ev = await events.get()
+                if ev.get("gone"):
+                    return JSONResponse(error_body("client closed the request"), 499)
                 if "error" in ev:
                     raise ApiError(500, ev["error"], "server_error")
                 if "done" in ev:
@@ -380,6 +406,7 @@ def create_app(service: Service):
                 text.append(ev["text"])
         finally:
             req.cancelled.set()
+            watcher.cancel()
         service.metrics.inc("requests_total", path="/v1/completions", status=200)
         return {**chunk("".join(text), ev["done"], ev["citations"]), "citations": ev["citations"],
                 "usage": ev["usage"], **extra}
