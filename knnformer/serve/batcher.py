@@ -138,7 +138,11 @@ class Engine:
                 for req in self.active:
                     self._send(req, {"error": f"generation failed: {type(e).__name__}: {e}"})
                 self.active = []
-                self._flush()
+                try:
+                    self._flush()
+                except Exception:  # delivering failed too: those requests' clients time out
+                    logger.exception("delivering the engine's errors failed")
+                    self.outbox = []
         for req in [*self.active, *self.waiting]:
             req.emit({"error": "the server is shutting down"})
 

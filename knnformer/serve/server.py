@@ -126,6 +126,9 @@ def deliver_events(batch: list[tuple[Request, dict]]) -> None:
     """One batched step's events, handed to each event loop in one call (runs on the engine's thread)."""
     by_loop: dict = {}
     for req, event in batch:
+        if req.channel is None:  # a request made outside the HTTP app (a benchmark): its own callback
+            req.emit(event)
+            continue
         loop, queue = req.channel
         by_loop.setdefault(loop, []).append((queue, event))
     for loop, items in by_loop.items():
