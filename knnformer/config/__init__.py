@@ -216,6 +216,9 @@ class TrainConfig:
     """Append a metrics line every this many steps."""
     threads: int = 0
     """Torch intra-op threads; 0 leaves torch's default."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files of every step's metrics into ``RUN/tensorboard/`` (needs the
+    ``tensorboard`` package)."""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_interval", "keep_checkpoints", "log_interval"):
