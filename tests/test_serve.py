@@ -276,3 +276,20 @@ def test_a_plain_request_whose_client_leaves_is_cancelled(server):
     while cancelled() == before and time.time() < deadline:
         time.sleep(0.1)
     assert cancelled() == before + 1
+
+
+def test_a_plain_lm_is_served_with_the_chunks_closest_to_its_text(tmp_path):
+    """A run without retrieval generates as a plain LM; its citations are searched only (read_by_model false)."""
+    store = repeated_text_store(tmp_path)
+    config = load_config("tiny", ["model.context=64", "train.steps=3", "train.eval_interval=0"])
+    config.model.vocab_size = 256
+    train(tmp_path / "plain", store, config)
+    with BackgroundServer(open_service(tmp_path / "plain", max_batch=2)) as url:
+        info = httpx.get(url + "/v1/info").json()
+        r = httpx.post(url + "/v1/completions", json={"prompt": prompt_of(store), "max_tokens": 40, "seed": 0},
+                       timeout=60).json()
+    assert info["retrieval"] is False and r["retrieval"] is False and r["usage"]["completion_tokens"] == 40
+    assert r["citations"] and all(not g["read_by_model"] for g in r["citations"])
+    docs = document_texts(store)
+    for s in (s for g in r["citations"] for s in g["sources"]):
+        assert docs[s["doc_id"]][s["byte_span"][0] : s["byte_span"][1]] == s["text"].encode()
