@@ -16,6 +16,11 @@ chunk s - 1 (positions <= s*C - 1); slot 0 reads zeros.
 
 Implementation: left-pad the decoder states by one position and right-pad by C - 1, so that position p lands at
 p + 1 and slot s covers padded positions s*C .. s*C + C - 1; then one batched attention over (B*S) slots.
+
+Generation (``RetrievalCache``, ``prepare_slots``, ``cross_attend_cached``): the same rule one position at a time.
+Position p reads slot (p + 1) // C at place (p + 1) % C; a slot is encoded when its first position p = s*C - 1
+arrives, which is the last token of the chunk that retrieved it (so its encoder's chunk states exist by then),
+and its keys and values are kept for the positions after. The logits equal the full forward's.
 """
 
 from __future__ import annotations
