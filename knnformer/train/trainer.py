@@ -31,6 +31,8 @@ from knnformer.run.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_optimizer,
+    load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -161,8 +163,8 @@ class Trainer:
         """Weights, optimizer, step and generators of the latest checkpoint, and the neighbours it trained with
         (and a refresh it left pending); metric lines it did not reach are dropped."""
         ckpt = load_checkpoint(latest_checkpoint(self.run_dir), with_optimizer=True)
-        self.model.load_state_dict(ckpt["weights"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_weights(self.model, ckpt)  # a model of another shape: a one-line error, not a traceback
+        load_optimizer(self.optimizer, ckpt)
         self.step = ckpt["state"]["step"]
         self.generator.set_state(ckpt["state"]["generator"])
         set_rng_state(ckpt["state"]["rng"])
