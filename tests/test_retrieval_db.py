@@ -264,11 +264,11 @@ def test_databases_smaller_than_k_pad_with_none(setup, tmp_path):
     assert main(["-q", "index", str(tmp_path / "one"), "--chunk-size", "4", "--no-neighbours"]) == 0
     dbs = open_databases([tmp_path / "one", setup / "db"], store.manifest["tokenizer"]["fingerprint"], 4)
     small = open_databases([tmp_path / "one"], store.manifest["tokenizer"]["fingerprint"], 4)
-    ids, _ = small.search(["the model reads its corpus"], 8)
+    _, ids = small.search(["the model reads its corpus"], 8)
     n = small.num_chunks
     assert ids.shape == (1, 8) and (ids[0, :n] >= 0).all() and (ids[0, n:] == -1).all()
     # two databases searched as one: ids are global, each maps back to its own database's file
-    ids, _ = dbs.search(["the model reads its corpus"], 8)
+    _, ids = dbs.search(["the model reads its corpus"], 8)
     where, _ = dbs.locate(ids[0])
     assert set(where.tolist()) <= {0, 1} and all(dbs.source(int(i))["database"] in (str(tmp_path / "one"),
                                                                                  str(setup / "db")) for i in ids[0])

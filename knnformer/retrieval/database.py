@@ -32,6 +32,7 @@ import numpy as np
 
 from knnformer.data.chunks import ChunkLayout, chunk_layout, chunk_texts, provenance, read_retrieval_manifest
 from knnformer.data.datastore import Datastore
+from knnformer.retrieval.index import SearchResult
 from knnformer.retrieval.live import Retriever, open_retriever
 from knnformer.retrieval.neighbours import NeighbourBatch, Neighbours, neighbour_tokens
 
@@ -142,9 +143,9 @@ class Databases:
                            chunks, query.path)
         return self.excluded
 
-    def search(self, texts: list[str], k: int, query_docs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest allowed chunks of each text over all databases, merged by score: (ids (n, k) global,
-        -1 where fewer were allowed; scores (n, k) float32). ``query_docs`` (n, 2): the query datastore's documents
+    def search(self, texts: list[str], k: int, query_docs: np.ndarray | None = None) -> SearchResult:
+        """The ``k`` nearest allowed chunks of each text over all databases, merged by score, as an index's
+        ``SearchResult(D, I)``: scores (n, k) float32 and global chunk ids (n, k), -1 where fewer were allowed. ``query_docs`` (n, 2): the query datastore's documents
         each query chunk touches, for train queries (a copy of them is not retrieved); None for held-out queries."""
         n = len(texts)
         all_i, all_d = [], []
@@ -160,7 +161,7 @@ class Databases:
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
         ids = np.where(np.isfinite(scores), ids, -1)
-        return ids.reshape(n, k).astype(np.int64), np.where(ids >= 0, scores, 0).astype(np.float32)
+        return SearchResult(np.where(ids >= 0, scores, 0).astype(np.float32), ids.reshape(n, k).astype(np.int64))
 
     @staticmethod
     def _search_one(db: Database, texts: list[str], k: int, query_docs: np.ndarray | None):
@@ -193,7 +194,7 @@ class Databases:
 
     def neighbours(self, texts: list[str], k: int, pad_id: int = 0) -> NeighbourBatch:
         """Live retrieval for new text (generation), as ``live.Retriever.neighbours``: (len(texts), k, 2C)."""
-        ids, scores = self.search(texts, k)
+        scores, ids = self.search(texts, k)
         tokens, mask = self.tokens(ids, pad_id)
         return NeighbourBatch(tokens, mask, ids, scores)
 
@@ -309,7 +310,7 @@ def database_neighbours(databases: Databases, query: Datastore, splits: tuple[st
         for b in range(lo, hi, batch_size):
             q = np.arange(b, min(hi, b + batch_size))
             docs = np.stack([layout.doc_first[q], layout.doc_last[q]], 1) if split == "train" else None
-            ids[q], scores[q] = databases.search(chunk_texts(query, layout, q), k, docs)
+            scores[q], ids[q] = databases.search(chunk_texts(query, layout, q), k, docs)
             if progress is not None:
                 progress(len(q))
     embedders = sorted({read_retrieval_manifest(db.store.path)["index"]["embedder"] for db in databases.dbs})
