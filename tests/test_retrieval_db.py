@@ -272,3 +272,26 @@ def test_databases_smaller_than_k_pad_with_none(setup, tmp_path):
     where, _ = dbs.locate(ids[0])
     assert set(where.tolist()) <= {0, 1} and all(dbs.source(int(i))["database"] in (str(tmp_path / "one"),
                                                                                  str(setup / "db")) for i in ids[0])
+
+
+@pytest.mark.parametrize("run_name", ["dense", "retro"])
+def test_serve_retrieves_and_cites_from_a_database(setup, run_name):
+    """serve --retrieval-db: /v1/retrieve and a completion's citations name the database's files, byte-exact."""
+    import httpx
+
+    from knnformer.serve.background import BackgroundServer
+    from knnformer.serve.server import open_service
+
+    db = Datastore.open(setup / "db")
+    texts = {doc_id: db.tokenizer.decode(np.asarray(db.tokens[s : s + n])).encode()
+             for doc_id, (s, n, _, _) in zip(db.doc_ids, db.docs)}
+    with BackgroundServer(open_service(setup / run_name, max_batch=2, max_queue=4,
+                                       databases=[str(setup / "db")])) as url:
+        r = httpx.post(url + "/v1/retrieve", json={"text": "the model reads its corpus", "k": 3}, timeout=60).json()
+        assert len(r["data"]) == 3
+        for s in r["data"]:
+            assert s["database"] == str(setup / "db") and s["doc_id"] in texts
+            assert texts[s["doc_id"]][s["byte_span"][0] : s["byte_span"][1]] == s["text"].encode()
+        out = httpx.post(url + "/v1/completions", json={"prompt": "the model reads its corpus while it",
+                                                        "max_tokens": 10, "temperature": 0}, timeout=60)
+        assert out.status_code == 200
