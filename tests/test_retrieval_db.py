@@ -295,3 +295,23 @@ def test_serve_retrieves_and_cites_from_a_database(setup, run_name):
         out = httpx.post(url + "/v1/completions", json={"prompt": "the model reads its corpus while it",
                                                         "max_tokens": 10, "temperature": 0}, timeout=60)
         assert out.status_code == 200
+
+
+def test_in_context_generation_feeds_the_neighbours_to_the_model(setup):
+    """Each step's input, once a chunk is complete, starts with that chunk's neighbours (not only shown: read)."""
+    from knnformer.run.record import load_run
+    from knnformer.serve.generate import RetrievingGenerator
+
+    model, record, _ = load_run(setup / "dense")
+    store = Datastore.open(setup / "store")
+    gen = RetrievingGenerator.for_databases(model, store, setup / "dense", record, [str(setup / "db")], k=1)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(args[0][0].tolist()))
+    try:
+        ids = store.tokenizer.encode("the model reads its corpus while it writes")
+        list(gen.sample(ids, 6, temperature=0, seed=0))
+    finally:
+        hook.remove()
+    nb = gen.retrieved[len(ids) // 4 - 1]
+    prefix = nb.tokens[0, 0][nb.mask[0, 0]].tolist()
+    assert seen and seen[0][: len(prefix)] == prefix

@@ -299,7 +299,8 @@ class RetrievingGenerator:
 
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
-        run = self._sample_cached if cache else self._sample
+        run = self._sample_cached if cache and not self.in_context else self._sample  # in context: a new prefix
+        # each chunk, so every step runs its whole window
         try:
             yield from run(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id)
         finally:
