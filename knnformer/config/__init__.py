@@ -198,8 +198,25 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """``bfloat16`` runs forward and backward under bf16 autocast; weights and optimizer stay fp32."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``bfloat16`` / ``float16`` run forward and backward under autocast (fp16 with a gradient scaler); weights
+    and optimizer stay fp32. ``auto`` picks bf16 where the hardware runs it natively (a CUDA device with bf16, a
+    CPU with avx512_bf16 or AMX) and fp32 elsewhere; the run record says what was picked and why."""
+    device: str = "auto"
+    """Where the run computes: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
+    (``--device``). Under torchrun each rank takes ``cuda:LOCAL_RANK``."""
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    """Under torchrun (or ``--nproc N``): ``ddp`` replicates the model and all-reduces gradients; ``fsdp`` shards
+    parameters, gradients and optimizer state per block (FSDP2 ``fully_shard``); ``none`` with several ranks
+    means ``ddp``. ``batch_size`` is per rank: the global batch is ``batch_size x grad_accum x ranks``."""
+    fsdp_mixed_precision: bool = False
+    """FSDP only: parameters gathered and gradients reduced in bf16 (``MixedPrecisionPolicy``), fp32 master."""
+    fsdp_cpu_offload: bool = False
+    """FSDP only: parameters, gradients and optimizer state live on the CPU between uses (``CPUOffloadPolicy``,
+    ZeRO-Offload); on a CPU-only machine it changes nothing."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3 more
+    compute)."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (faster steps after a one-off compile time)."""
     seed: int = 1337
@@ -215,7 +232,9 @@ class TrainConfig:
     log_interval: int = 10
     """Append a metrics line every this many steps."""
     threads: int = 0
-    """Torch intra-op threads; 0 leaves torch's default."""
+    """Torch intra-op threads; 0 takes the cores free now (the CPUs this process may use minus the load of the
+    others, at least 1, divided among the ranks of this machine). On a shared machine OpenMP threads that wait for
+    a busy core spin and cost many times their share (see ``runtime.free_cores``)."""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_interval", "keep_checkpoints", "log_interval"):

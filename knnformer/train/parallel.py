@@ -1,0 +1,303 @@
+"""Many processes on PyTorch's own distributed engine: the only module of knnformer that imports
+torch.distributed (tests/test_layers.py holds it to that); the model stays a plain ``nn.Module``.
+
+A run under ``torchrun`` (or ``knnformer train --nproc N``, which starts torchrun) has one process per rank.
+``start`` joins the process group (gloo on CPU, NCCL on CUDA) and picks each rank's device; ``wrap`` applies
+activation checkpointing per block and then DDP or FSDP2 (``fully_shard`` per block, then the root) as
+``train.parallel`` says; ``accumulating`` turns the gradient all-reduce off for every micro-batch but the last
+(DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``). The batch: every rank draws the same *global*
+micro-batch of ``train.batch_size`` windows from the run's seeded generator and keeps its own slice
+(``shard_batch``), so the ranks read different windows, the global batch is what the config says, and a run at
+N ranks takes the same steps as one at 1 rank (up to float summation order): the loss curve, and a resume at
+another world size, stay the single-process ones.
+
+Checkpoints of an FSDP run go through torch.distributed.checkpoint (``save_distributed``): each rank writes its
+shards of the weights and the optimizer state to ``step-N/dcp/``, rank 0 writes the full weights
+(``model.safetensors``, which ``evaluate`` and ``generate`` read), the run record and the step's state; the
+folder appears atomically once every rank has written. ``load_distributed`` reads it back at any world size
+(DCP reshards), with or without a process group. DDP runs use the single-process checkpoint, written by rank 0.
+
+Expert parallelism (``model.moe.expert_parallel``): ``shard_experts`` keeps each rank's share of every MoE
+layer's experts and gives the layer an ``ExpertExchange`` that sends each kept token to the rank holding its
+expert with ``all_to_all_single`` and brings the outputs back (differentiable), so the layer's output and
+gradients are those of the whole layer on the rank's tokens.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from knnformer.runtime import resolve_device
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_S = int(os.environ.get("KNNFORMER_DIST_TIMEOUT", "300"))
+"""How long a collective waits for a rank that stopped answering before every rank fails with an error."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks torchrun started (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> World:
+    """The world torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)."""
+    env = os.environ
+    size = int(env.get("WORLD_SIZE", "1"))
+    return World(int(env.get("RANK", "0")), size, int(env.get("LOCAL_RANK", "0")),
+                 int(env.get("LOCAL_WORLD_SIZE", str(size))))
+
+
+def start(device_name: str = "auto") -> tuple[World, torch.device]:
+    """Join the process group when torchrun started several ranks, and the device this rank computes on
+    (``cuda:LOCAL_RANK`` for CUDA)."""
+    world = launched()
+    device = resolve_device(device_name)
+    if world.size == 1:
+        return world, device
+    if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise ValueError(f"rank {world.rank} wants cuda:{world.local_rank} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s); lower --nproc-per-node")
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    elif device.type == "mps":
+        raise ValueError("several ranks on one MPS device are not supported; use --device cpu or one rank")
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        except Exception as e:  # a rendezvous that fails: one line, not a stack of them
+            raise ValueError(f"rank {world.rank}: joining the process group ({backend}, MASTER_ADDR="
+                             f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}) failed: {e}") from None
+    return world, device
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over the ranks (the values themselves when alone)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_batch(batch, world: World):
+    """Rank ``world.rank``'s contiguous slice of a global micro-batch (a ``run.batches.Batch``)."""
+    if world.size == 1:
+        return batch
+    B = batch.x.shape[0]
+    if B % world.size:
+        raise ValueError(f"train.batch_size ({B}) must be divisible by the {world.size} ranks")
+    lo, hi = world.rank * B // world.size, (world.rank + 1) * B // world.size
+    cut = lambda t: None if t is None else t[lo:hi]  # noqa: E731
+    vectors = None if batch.retrieval_vectors is None else tuple(v[lo:hi] for v in batch.retrieval_vectors)
+    return type(batch)(batch.x[lo:hi], batch.y[lo:hi], cut(batch.neighbours), cut(batch.neighbour_mask),
+                       cut(batch.neighbour_ids), vectors)
+
+
+# --- wrapping the model --------------------------------------------------------------------------------------
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing per decoder block: each block's forward keeps only its input and recomputes the
+    rest in the backward pass (same parameter names, so checkpoints are unchanged)."""
+    for block in model.blocks:
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def resolved_parallel(cfg, world: World) -> str:
+    """``train.parallel`` for this world: ``none`` alone, and ``ddp`` for ``none`` with several ranks."""
+    if world.size == 1:
+        return "none"
+    return "ddp" if cfg.parallel == "none" else cfg.parallel
+
+
+def wrap(model: torch.nn.Module, cfg, world: World, device: torch.device) -> torch.nn.Module:
+    """What the training step calls: the model with activation checkpointing (if asked) under DDP or FSDP2. For
+    FSDP the model itself becomes sharded (build its optimizer after this call)."""
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    kind = resolved_parallel(cfg, world)
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ignored = [name for name, p in model.named_parameters() if getattr(p, "expert_parallel", False)]
+        if ignored:  # each rank holds other experts, already trained on every rank's tokens (ExpertExchange)
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=any(getattr(b, "ffn", None) is not None
+                                                                  and hasattr(b.ffn, "router") for b in model.blocks))
+    if kind == "fsdp":
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        if any(getattr(p, "expert_parallel", False) for p in model.parameters()):
+            raise ValueError("model.moe.expert_parallel works with train.parallel=ddp, not fsdp")
+        kwargs: dict[str, Any] = {}
+        if cfg.fsdp_mixed_precision:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kwargs["offload_policy"] = CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy()
+        for block in model.blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+    return model
+
+
+def accumulating(step_model: torch.nn.Module, last: bool):
+    """The context of one micro-batch's forward and backward: gradients are all-reduced only on the ``last``
+    micro-batch of a step (DDP's ``no_sync``; FSDP2's ``set_requires_gradient_sync``)."""
+    if hasattr(step_model, "no_sync"):
+        return nullcontext() if last else step_model.no_sync()
+    if hasattr(step_model, "set_requires_gradient_sync"):
+        step_model.set_requires_gradient_sync(last)
+    return nullcontext()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2-sharded parameters (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+# --- checkpoints through torch.distributed.checkpoint -----------------------------------------------------------
+
+DCP_FOLDER = "dcp"
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    return (Path(path) / DCP_FOLDER).is_dir()
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank takes part; rank 0 gets the full (unsharded) weights on the CPU, the others {}."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_distributed(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     record: dict[str, Any], state: dict[str, Any], world: World, keep: int = 2) -> Path:
+    """Checkpoint ``step-N`` of a sharded run: every rank its shards (DCP), rank 0 the full weights, the record
+    and the state. Rank 0 fills a temporary folder and renames it into place only after every rank has written, so
+    a rank that dies leaves no half-written checkpoint (the others fail at the barrier)."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from knnformer.io import file_sha256, writing_folder
+    from knnformer.run.checkpoint import list_checkpoints
+
+    final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    weights = full_weights(model)
+    context = writing_folder(final) if world.main else nullcontext(None)
+    with context as tmp:
+        tmp = Path(broadcast(str(tmp) if tmp is not None else None))
+        barrier()
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp / DCP_FOLDER)
+        barrier()
+        if world.main:
+            save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
+            (tmp / "config.json").write_text(json.dumps(record, indent=2))
+            torch.save({"step": step, "world_size": world.size, **state}, tmp / "state.pt")
+            names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            (tmp / "checksums.json").write_text(json.dumps({n: file_sha256(tmp / n) for n in names}, indent=2))
+    barrier()
+    if world.main:
+        import shutil
+
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_distributed(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a DCP checkpoint's weights and optimizer state into ``model`` (plain, DDP's or FSDP-sharded) and
+    ``optimizer``, at whatever world size it was saved with."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():  # alone, DCP warns that it loads in a single process: that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=Path(path) / DCP_FOLDER)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+# --- starting torchrun ---------------------------------------------------------------------------------------
+
+
+def available_slots(device_name: str) -> tuple[int, str]:
+    """How many ranks this machine can hold for ``device_name``: its GPUs, or the CPUs this process may use."""
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        return torch.cuda.device_count(), "CUDA devices"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpus, "CPU cores"
+
+
+def launch(nproc: int, argv: list[str], device_name: str = "auto") -> int:
+    """``knnformer ... --nproc N``: run the same command (``argv``, without ``--nproc``) under torchrun with N
+    ranks on this machine and return its exit status. Refuses more ranks than cores or GPUs."""
+    slots, what = available_slots(device_name)
+    if nproc > slots:
+        raise ValueError(f"--nproc {nproc} is more than the {slots} {what} here")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "knnformer.cli", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, slots // nproc)))
+    logger.info("starting %s", " ".join(cmd))
+    return subprocess.call(cmd, env=env)
