@@ -3,8 +3,9 @@
 Each measurement is a fresh process (OpenMP reads its environment once, when torch loads) that trains the
 shakespeare-char model (4 layers x 128, context 64, batch 12, fp32, AdamW) for ``--seconds`` and reports its
 steps/s. Variants: torch's default (one thread per CPU, OpenMP's default spin-waiting), ``OMP_WAIT_POLICY=PASSIVE``
-(threads that wait sleep instead of spinning), one thread, and knnformer's default (threads from the cores free at
-start, ``runtime.free_cores``, plus PASSIVE). Each runs alone and beside a competitor (a Python loop that keeps one
+(threads that wait sleep instead of spinning), one thread, threads from the cores free at start
+(``runtime.free_cores``) plus PASSIVE, and knnformer's default (``import knnformer`` before torch, which sets
+PASSIVE, and torch's thread count). Each runs alone and beside a competitor (a Python loop that keeps one
 core busy), in rounds that rotate the order, so the shared machine's own load falls on all alike.
 
     python -m bench.threads [--rounds 3] [--seconds 6] [--out bench/results/threads.json]
@@ -21,17 +22,20 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {  # name: (environment, threads; -1 = knnformer's free_cores)
+VARIANTS = {  # name: (environment, threads; -1 = runtime.free_cores; -2 = knnformer imported before torch)
     "default": ({}, 0),
     "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
     "one_thread": ({}, 1),
-    "knnformer": ({"OMP_WAIT_POLICY": "PASSIVE"}, -1),
+    "free_cores": ({"OMP_WAIT_POLICY": "PASSIVE"}, -1),
+    "knnformer": ({}, -2),
 }
 COMPETITOR = "import time\nend = time.time() + {s}\nx = 0\nwhile time.time() < end:\n    x += 1\n"
 
 
 def worker(seconds: float, threads: int) -> None:
     """Train for ``seconds`` (after 5 warmup steps); print steps/s and the threads used as JSON."""
+    if threads == -2:  # as the CLI does: knnformer first, so its OpenMP setting is in place when torch loads
+        import knnformer  # noqa: F401
     import numpy as np
     import torch
 
@@ -40,8 +44,9 @@ def worker(seconds: float, threads: int) -> None:
     from knnformer.runtime import free_cores
     from knnformer.train.optim import make_optimizer
 
-    if threads < 0:
+    if threads == -1:
         threads = free_cores()
+    threads = max(threads, 0)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)

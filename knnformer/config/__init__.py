@@ -94,6 +94,10 @@ class MoEConfig:
     """``top1`` / ``top2`` on CPU: run the experts as grouped GEMMs (``torch._grouped_mm``) over exactly the kept
     tokens; off (and on other devices, and under ``torch.compile``) as ``bmm`` over a buffer padded to the
     capacity. Same result."""
+    expert_parallel: bool = False
+    """Under several ranks: shard each MoE layer's experts over the ranks (E must be divisible by them), tokens
+    sent to their expert's rank with ``all_to_all_single`` (see train/parallel.py). The layer's output and
+    gradients are those of the whole layer; only ``top1`` / ``top2``."""
     second_expert_sampling: bool = True
     """``top2`` only: in training keep the second expert with probability 2 x its normalised gate (GShard); off
     keeps it always. Evaluation always keeps it."""
@@ -232,9 +236,9 @@ class TrainConfig:
     log_interval: int = 10
     """Append a metrics line every this many steps."""
     threads: int = 0
-    """Torch intra-op threads; 0 takes the cores free now (the CPUs this process may use minus the load of the
-    others, at least 1, divided among the ranks of this machine). On a shared machine OpenMP threads that wait for
-    a busy core spin and cost many times their share (see ``runtime.free_cores``)."""
+    """Torch intra-op threads; 0 leaves torch's default (one per core; ``torchrun`` sets OMP_NUM_THREADS=1 per
+    rank unless told otherwise, ``--nproc N`` sets cores / N). Waiting threads sleep rather than spin
+    (``OMP_WAIT_POLICY=PASSIVE``, set by ``import knnformer``), which is what keeps a shared machine fast."""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_interval", "keep_checkpoints", "log_interval"):

@@ -33,7 +33,7 @@ import os
 import subprocess
 import sys
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,14 +90,17 @@ def start(device_name: str = "auto") -> tuple[World, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        except Exception as e:  # a rendezvous that fails: one line, not a stack of them
+        except (RuntimeError, ValueError, OSError) as e:  # a failed rendezvous: one line, not a stack of them
             raise ValueError(f"rank {world.rank}: joining the process group ({backend}, MASTER_ADDR="
                              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}) failed: {e}") from None
     return world, device
 
 
 def stop() -> None:
+    """Leave the process group; every rank waits for the others first (gloo aborted a rank whose peer left
+    while it was still tearing down)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -132,7 +135,9 @@ def shard_batch(batch, world: World):
     if B % world.size:
         raise ValueError(f"train.batch_size ({B}) must be divisible by the {world.size} ranks")
     lo, hi = world.rank * B // world.size, (world.rank + 1) * B // world.size
-    cut = lambda t: None if t is None else t[lo:hi]  # noqa: E731
+    def cut(t):
+        return None if t is None else t[lo:hi]
+
     vectors = None if batch.retrieval_vectors is None else tuple(v[lo:hi] for v in batch.retrieval_vectors)
     return type(batch)(batch.x[lo:hi], batch.y[lo:hi], cut(batch.neighbours), cut(batch.neighbour_mask),
                        cut(batch.neighbour_ids), vectors)
@@ -172,17 +177,12 @@ def wrap(model: torch.nn.Module, cfg, world: World, device: torch.device) -> tor
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        ignored = [name for name, p in model.named_parameters() if getattr(p, "expert_parallel", False)]
-        if ignored:  # each rank holds other experts, already trained on every rank's tokens (ExpertExchange)
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=any(getattr(b, "ffn", None) is not None
                                                                   and hasattr(b.ffn, "router") for b in model.blocks))
     if kind == "fsdp":
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        if any(getattr(p, "expert_parallel", False) for p in model.parameters()):
-            raise ValueError("model.moe.expert_parallel works with train.parallel=ddp, not fsdp")
         kwargs: dict[str, Any] = {}
         if cfg.fsdp_mixed_precision:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -301,3 +301,67 @@ def launch(nproc: int, argv: list[str], device_name: str = "auto") -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, slots // nproc)))
     logger.info("starting %s", " ".join(cmd))
     return subprocess.call(cmd, env=env)
+
+
+# --- expert parallelism --------------------------------------------------------------------------------------
+
+
+def _all_to_all(output: torch.Tensor, input: torch.Tensor, output_splits: list[int],
+                input_splits: list[int]) -> torch.Tensor:
+    """Differentiable ``all_to_all_single`` (its backward is the reverse exchange)."""
+    from torch.distributed.nn.functional import all_to_all_single
+
+    with warnings.catch_warnings():  # deprecated for the functional collectives, whose version aborted on gloo here
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_to_all_single(output, input, output_splits, input_splits)
+
+
+class ExpertExchange:
+    """Runs a MoE layer's experts when each of ``world.size`` ranks holds ``E / size`` of them (rank r: experts
+    r * L .. r * L + L - 1). Called by ``MoE`` with the rank's kept rows (R, D) ordered by global expert and each
+    expert's row count (E,); sends every row to its expert's rank (``all_to_all_single``), runs the local experts
+    as grouped GEMMs, and sends the outputs back in the rows' order. Both exchanges are differentiable, so the
+    gradient of a local expert sums the contributions of every rank's tokens."""
+
+    def __init__(self, layer: torch.nn.Module, world: World):
+        self.layer, self.size = layer, world.size
+        self.local = layer.experts_gate_up.shape[0]
+
+    def __call__(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        W, L = self.size, self.local
+        send = counts.to(torch.int64).view(W, L)  # rows for (destination rank, its local expert)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)  # recv[src, l]: rows rank src sends to my expert l
+        in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        received = _all_to_all(rows.new_empty(sum(out_splits), rows.shape[1]), rows.contiguous(),
+                                     out_splits, in_splits)
+        expert = torch.repeat_interleave(torch.arange(L, device=rows.device).repeat(W), recv.flatten())
+        order = torch.argsort(expert, stable=True)  # received rows by local expert (then by source rank)
+        ends = torch.bincount(expert, minlength=L).cumsum(0)
+        out = self.layer.run_experts_grouped(received[order], ends)
+        back = out[torch.argsort(order)]  # the received order again
+        return _all_to_all(back.new_empty(rows.shape[0], back.shape[1]), back.contiguous(), in_splits,
+                                 out_splits)
+
+
+def shard_experts(model: torch.nn.Module, world: World) -> int:
+    """Expert parallelism for the MoE layers whose config asks for it (``model.moe.expert_parallel``): each keeps
+    its rank's ``E / size`` experts (the others' weights are dropped) and exchanges tokens through an
+    ``ExpertExchange``. Returns the number of layers sharded (0 alone or without MoE)."""
+    layers = [m for m in model.modules() if hasattr(m, "experts_gate_up") and getattr(m.cfg, "expert_parallel", False)]
+    if world.size == 1 or not layers:
+        return 0
+    for layer in layers:
+        E = layer.experts_gate_up.shape[0]
+        if E % world.size:
+            raise ValueError(f"model.moe.num_experts ({E}) must be divisible by the {world.size} ranks for "
+                             f"expert parallelism")
+        if layer.cfg.router == "expert_choice":
+            raise ValueError("model.moe.expert_parallel supports the top1 and top2 routers, not expert_choice")
+        L = E // world.size
+        lo = world.rank * L
+        with torch.no_grad():
+            layer.experts_gate_up = torch.nn.Parameter(layer.experts_gate_up[lo:lo + L].clone())
+            layer.experts_down = torch.nn.Parameter(layer.experts_down[lo:lo + L].clone())
+        layer.exchange = ExpertExchange(layer, world)
+    return len(layers)

@@ -38,7 +38,7 @@ from knnformer.run.checkpoint import (
 )
 from knnformer.run.refreshes import changed_share, load_refresh, prune_refreshes, refresh_folder
 from knnformer.run.vectors import frozen_vectors
-from knnformer.runtime import autocast, choose_dtype, free_cores
+from knnformer.runtime import autocast, choose_dtype
 from knnformer.train import parallel
 from knnformer.train.inputs import estimate_loss, make_samplers, resolve_retrieval
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
@@ -104,9 +104,12 @@ class Trainer:
         if self.cfg.batch_size % self.world.size:
             raise ValueError(f"train.batch_size ({self.cfg.batch_size}) is the global micro-batch and must be "
                              f"divisible by the {self.world.size} ranks")
-        if self.cfg.threads or "OMP_NUM_THREADS" not in os.environ:  # an explicit OMP_NUM_THREADS is kept
-            torch.set_num_threads(self.cfg.threads or free_cores(self.world.local_size))
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
         self._setup_data()
+        if self.world.size > 1 and self.mcfg.ffn == "moe" and self.mcfg.moe.expert_parallel:
+            raise ValueError("model.moe.expert_parallel is a layer for now (train/parallel.shard_experts, tested on 2 "
+                             "ranks); the trainer does not checkpoint sharded experts yet: train MoE with DDP or FSDP")
         if self.world.size > 1 and self.schedule:
             raise ValueError("retrieval.refresh (a learned retriever's re-indexing) runs in one process only for "
                              "now; train it without --nproc / torchrun")

@@ -1,0 +1,84 @@
+"""Many processes on gloo (2 ranks, tiny models, a few steps): DDP gradients against one process, DDP and FSDP
+loss curves against one process, a sharded checkpoint resumed at 1 and at 2 ranks, expert parallelism against the
+whole MoE layer. Each test starts torchrun; they are marked ``multiprocess`` and run in the default suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from knnformer.run.checkpoint import latest_checkpoint, list_checkpoints
+from knnformer.train.trainer import train
+
+pytestmark = pytest.mark.multiprocess
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["--set", "train.steps=4", "--set", "train.eval_interval=0", "--set", "train.checkpoint_interval=2",
+         "--set", "train.keep_checkpoints=3"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "knnformer.cli", "-q", *args], env=env(), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_gradients_and_expert_parallel_match_one_process(tmp_path):
+    out = tmp_path / "checks.json"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(ROOT / "tests" / "dist_checks.py"), str(out)], env=env(), capture_output=True,
+                          text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(out.read_text())
+    assert found["world_size"] == 2
+    assert found["ddp_grad_max_diff"] < 1e-6  # DDP at 2 x 4 windows == one process at 8, accumulated twice
+    for rank in found["expert_parallel"]:
+        assert rank["local_experts"] == 2 and rank["dropped"] > 0  # half the experts here; capacity drops some
+        assert rank["output"] < 1e-6 and rank["input_grad"] < 1e-6 and rank["router_grad"] < 1e-6
+        assert rank["expert_grad"] < 1e-4
+
+
+@pytest.fixture
+def store_dir(byte_store):
+    return str(byte_store.path)
+
+
+def test_ddp_and_fsdp_follow_the_one_process_loss_curve_and_resume_at_1_and_2_ranks(tmp_path, store_dir, byte_store,
+                                                                                    tiny_config):
+    tiny_config.train.steps, tiny_config.train.eval_interval, tiny_config.train.checkpoint_interval = 4, 0, 2
+    train(tmp_path / "one", byte_store, tiny_config)
+    one = losses(tmp_path / "one")
+    cli("train", store_dir, "--out", str(tmp_path / "ddp"), "--config", "tiny", "--nproc", "2", *STEPS)
+    assert losses(tmp_path / "ddp") == pytest.approx(one, rel=1e-5)
+    record = json.loads((tmp_path / "ddp" / "config.json").read_text())["runtime"]
+    assert record["world_size"] == 2 and record["parallel"] == "ddp" and record["dtype"] == "float32"
+    cli("train", store_dir, "--out", str(tmp_path / "fsdp"), "--config", "tiny", "--nproc", "2",
+        "--set", "train.parallel=fsdp", "--set", "train.activation_checkpointing=true", *STEPS)
+    assert losses(tmp_path / "fsdp") == pytest.approx(one, rel=1e-5)
+    step2 = list_checkpoints(tmp_path / "fsdp")[0]
+    assert sorted(p.name for p in (step2 / "dcp").iterdir() if p.suffix == ".distcp") == ["__0_0.distcp",
+                                                                                          "__1_0.distcp"]
+    # the checkpoint of step 2, saved by 2 ranks, resumed at 1 rank and at 2: the same steps 3 and 4
+    for ranks in (1, 2):
+        run = tmp_path / f"resume{ranks}"
+        shutil.copytree(tmp_path / "fsdp", run)
+        shutil.rmtree(latest_checkpoint(run))
+        cli("train", store_dir, "--out", str(run), "--resume", *(["--nproc", "2"] if ranks == 2 else []))
+        assert losses(run) == pytest.approx(one, rel=1e-5)
+        assert latest_checkpoint(run).name == "step-0000004"
+    cli("evaluate", str(tmp_path / "fsdp"))  # the full weights rank 0 wrote are what evaluate reads
