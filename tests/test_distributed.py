@@ -82,3 +82,19 @@ def test_ddp_and_fsdp_follow_the_one_process_loss_curve_and_resume_at_1_and_2_ra
         assert losses(run) == pytest.approx(one, rel=1e-5)
         assert latest_checkpoint(run).name == "step-0000004"
     cli("evaluate", str(tmp_path / "fsdp"))  # the full weights rank 0 wrote are what evaluate reads
+
+
+def test_index_over_two_ranks_gives_the_one_process_neighbours(tmp_path, byte_store):
+    import numpy as np
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(byte_store.path, one)
+    shutil.copytree(byte_store.path, two)
+    cli("index", str(one), "--embedder", "bytes-hash")
+    cli("index", str(two), "--embedder", "bytes-hash", "--nproc", "2")
+    for name in ("embeddings.f16", "neighbours.npy", "neighbour_scores.npy"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    manifest = json.loads((two / "manifest.json").read_text())["retrieval"]
+    assert manifest["embeddings"]["ranks"] == 2
+    assert not list(two.glob(".embeddings.f16.shard-*"))
+    assert np.load(two / "neighbours.npy").shape[0] == manifest["chunks"]["num_chunks"]

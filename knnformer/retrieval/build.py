@@ -55,14 +55,14 @@ ExactSearch = Callable[[np.ndarray, np.ndarray, np.ndarray, int], SearchResult]
 def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: str = "auto", k: int = DEFAULT_K,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, exclude_window: int = DEFAULT_EXCLUDE_WINDOW,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, force: bool = False, seed: int = 0,
-                    progress: Progress = _no_progress, hops: int = 1) -> dict:
+                    progress: Progress = _no_progress, hops: int = 1, device: str = "cpu") -> dict:
     """Chunk, embed, index and precompute neighbours for the datastore at ``path``; returns the manifest's
     ``retrieval`` section. Embeddings are reused when the manifest matches (``force`` recomputes them). With
     ``hops=2`` the second hop's neighbours are computed too and written beside the first's (see hops.py)."""
     store = Datastore.open(path)
     layout = chunk_layout(store, chunk_size)
     _check_arguments(store, layout, index, k, exclude_window, hops)
-    emb = make_embedder(embedder)
+    emb = make_embedder(embedder, device)
     single = int(store.manifest["splits"]["train"]["documents"]) <= 1
     if emb.sparse:
         found, search_hop2, exact_hop2 = _bm25_neighbours(store, layout, index, k, exclude_window, not single, progress)

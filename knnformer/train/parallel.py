@@ -32,6 +32,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -365,3 +366,57 @@ def shard_experts(model: torch.nn.Module, world: World) -> int:
             layer.experts_down = torch.nn.Parameter(layer.experts_down[lo:lo + L].clone())
         layer.exchange = ExpertExchange(layer, world)
     return len(layers)
+
+
+# --- sharded embedding for `knnformer index --nproc N` ----------------------------------------------------------
+
+
+def embed_sharded(store_path: str | Path, embedder, chunk_size: int, world: World, batch_size: int = 1024,
+                  progress=None, force: bool = False) -> bool:
+    """Embed a datastore's chunks over the ranks: rank r embeds the r-th contiguous share into its own shard file,
+    then rank 0 joins the shards into ``embeddings.f16`` and records it in the manifest, exactly as a one-process
+    ``chunks_to_embeddings`` would (so the index build that follows reuses it). Every rank calls it; returns
+    whether the stored embeddings already matched (nothing embedded)."""
+    import numpy as np
+
+    from knnformer.data.chunks import chunk_layout, chunk_texts, read_retrieval_manifest, update_retrieval_manifest
+    from knnformer.data.datastore import Datastore
+    from knnformer.io import writing_file
+    from knnformer.retrieval.embedders import EMBEDDINGS_FILE, embeddings_entry
+
+    store = Datastore.open(store_path)
+    layout = chunk_layout(store, chunk_size)
+    want = embeddings_entry(store, layout, embedder)
+    have = read_retrieval_manifest(store.path).get("embeddings") or {}
+    if not force and all(have.get(k) == v for k, v in want.items()) and (store.path / EMBEDDINGS_FILE).is_file():
+        return True
+    n = layout.num_chunks
+    lo, hi = world.rank * n // world.size, (world.rank + 1) * n // world.size
+    shard = store.path / f".{EMBEDDINGS_FILE}.shard-{world.rank}-of-{world.size}"
+    t0 = time.perf_counter()
+    with writing_file(shard) as tmp:
+        out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(max(hi - lo, 1), embedder.dim))
+        for b in range(lo, hi, batch_size):
+            ids = np.arange(b, min(b + batch_size, hi))
+            out[b - lo: b - lo + len(ids)] = embedder.embed(chunk_texts(store, layout, ids)).astype(np.float16)
+            if progress is not None:
+                progress(len(ids))
+        out.flush()
+        del out
+    barrier()  # every shard is written
+    if world.main:
+        update_retrieval_manifest(store.path, drop=("embeddings",))
+        with writing_file(store.path / EMBEDDINGS_FILE) as tmp:
+            out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=(max(n, 1), embedder.dim))
+            for r in range(world.size):
+                a, z = r * n // world.size, (r + 1) * n // world.size
+                part = store.path / f".{EMBEDDINGS_FILE}.shard-{r}-of-{world.size}"
+                if z > a:
+                    out[a:z] = np.memmap(part, dtype=np.float16, mode="r", shape=(z - a, embedder.dim))
+            out.flush()
+            del out
+        update_retrieval_manifest(store.path, {"embeddings": {**want, "ranks": world.size,
+                                                              "seconds": round(time.perf_counter() - t0, 3)}})
+    barrier()  # rank 0 has read every shard
+    shard.unlink(missing_ok=True)
+    return False
