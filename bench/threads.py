@@ -5,7 +5,7 @@ shakespeare-char model (4 layers x 128, context 64, batch 12, fp32, AdamW) for `
 steps/s. Variants: torch's default (one thread per CPU, OpenMP's default spin-waiting), ``OMP_WAIT_POLICY=PASSIVE``
 (threads that wait sleep instead of spinning), one thread, threads from the cores free at start
 (``runtime.free_cores``) plus PASSIVE, and knnformer's default (``import knnformer`` before torch, which sets
-PASSIVE, and torch's thread count). Each runs alone and beside a competitor (a Python loop that keeps one
+PASSIVE unless the environment chooses a policy, and torch's thread count). Each runs alone and beside a competitor (a Python loop that keeps one
 core busy), in rounds that rotate the order, so the shared machine's own load falls on all alike.
 
     python -m bench.threads [--rounds 3] [--seconds 6] [--out bench/results/threads.json]
@@ -34,7 +34,7 @@ COMPETITOR = "import time\nend = time.time() + {s}\nx = 0\nwhile time.time() < e
 
 def worker(seconds: float, threads: int) -> None:
     """Train for ``seconds`` (after 5 warmup steps); print steps/s and the threads used as JSON."""
-    if threads == -2:  # as the CLI does: knnformer first, so its OpenMP setting is in place when torch loads
+    if threads == -2:  # as the CLI does: knnformer before torch, so its OpenMP policy is in place when torch loads
         import knnformer  # noqa: F401
     import numpy as np
     import torch
@@ -92,8 +92,6 @@ def measure(name: str, seconds: float, competitor: bool) -> dict:
 
 
 def main() -> None:
-    from bench.speed import git_state, machine
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=6.0)
@@ -104,6 +102,7 @@ def main() -> None:
     if args.worker:
         worker(args.seconds, args.threads)
         return
+    from bench.speed import git_state, machine  # imports torch: not in a worker, whose OpenMP must start clean
     from knnformer.runtime import cpu_flags
 
     report = {"command": " ".join(["python -m bench.threads", *sys.argv[1:]]), "git": git_state(),

@@ -140,3 +140,4 @@ def free_cores(ranks_here: int = 1) -> int:
     allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     free = allowed - int(busy_cores() + 0.5)
     return max(1, free // max(1, ranks_here))
+

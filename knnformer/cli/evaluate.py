@@ -28,8 +28,10 @@ def cmd_evaluate(args) -> int:
                                            args.retrieval)
             table = knnlm.format_table(result)
         else:
+            from knnformer.runtime import resolve_device
+
             result = evaluate_run(args.run, args.split, args.stride, args.datastore, args.batch_size, factory,
-                                  args.retrieval, args.neighbour_gain)
+                                  args.retrieval, args.neighbour_gain, str(resolve_device(args.device or "cpu")))
             table = format_table(result)
     finally:
         for bar in bars:
@@ -55,5 +57,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="measure how much each neighbour lowered the loss of the chunk it served on N windows "
                         "(one extra forward per neighbour and chunk; 0: skip; default 8)")
     s.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default cpu; not with --knn-lm, "
+                   "which scores on the CPU)")
     s.set_defaults(func=cmd_evaluate)
     return s

@@ -39,7 +39,9 @@ def cmd_generate(args) -> int:
     from knnformer.run.record import load_run, open_run_datastore
     from knnformer.serve.generate import RetrievingGenerator, sample_ids, stream_text
 
-    model, record, _ = load_run(args.run)
+    from knnformer.runtime import resolve_device
+
+    model, record, _ = load_run(args.run, str(resolve_device(args.device or "cpu")))
     store = open_run_datastore(record, args.datastore)
     tokenizer = store.tokenizer
     prompt = args.prompt if args.prompt is not None else ""
@@ -98,5 +100,6 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="after the text, list the neighbours (document, offset, score, snippet) of every chunk")
     s.add_argument("--k", type=int, default=2, help="neighbours to show for a plain LM (default 2)")
     s.add_argument("--json", action="store_true", help="print the text and its neighbours as one JSON object")
+    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     s.set_defaults(func=cmd_generate)
     return s
