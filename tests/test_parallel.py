@@ -82,3 +82,24 @@ def test_first_line_and_record_say_what_was_picked(tmp_path, byte_store, tiny_co
           "--set", "train.steps=1", "--set", "train.dtype=auto"])
     err = capsys.readouterr().err
     assert f"on cpu, {dtype} ({why})" in err
+
+
+def test_activation_checkpointing_and_fp16_train(tmp_path, byte_store, tiny_config):
+    import json
+    import math
+
+    from knnformer.train.trainer import train
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    cfg = tiny_config.train
+    cfg.steps, cfg.eval_interval, cfg.grad_accum = 3, 0, 2
+    train(tmp_path / "plain", byte_store, tiny_config)
+    cfg.activation_checkpointing = True  # recomputed in the backward pass: the same numbers
+    train(tmp_path / "recompute", byte_store, tiny_config)
+    assert losses(tmp_path / "recompute") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+    cfg.activation_checkpointing, cfg.dtype = False, "float16"  # fp16 autocast with a gradient scaler
+    train(tmp_path / "fp16", byte_store, tiny_config)
+    assert all(math.isfinite(x) for x in losses(tmp_path / "fp16"))
+    assert losses(tmp_path / "fp16") == pytest.approx(losses(tmp_path / "plain"), rel=0.02)

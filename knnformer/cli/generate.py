@@ -37,9 +37,8 @@ def print_neighbours(chunks: list[dict], latency: list[float]) -> None:
 
 def cmd_generate(args) -> int:
     from knnformer.run.record import load_run, open_run_datastore
-    from knnformer.serve.generate import RetrievingGenerator, sample_ids, stream_text
-
     from knnformer.runtime import resolve_device
+    from knnformer.serve.generate import RetrievingGenerator, sample_ids, stream_text
 
     model, record, _ = load_run(args.run, str(resolve_device(args.device or "cpu")))
     store = open_run_datastore(record, args.datastore)

@@ -11,7 +11,6 @@ import time
 from tqdm import tqdm
 
 from knnformer.cli.common import say
-
 from knnformer.data.chunks import DEFAULT_CHUNK_SIZE
 from knnformer.retrieval.index import DEFAULT_MEMORY_BUDGET, INDEX_KINDS
 from knnformer.retrieval.neighbours import DEFAULT_EMBEDDER, DEFAULT_EXCLUDE_WINDOW, DEFAULT_K
@@ -73,9 +72,8 @@ def cmd_index(args) -> int:
         return parallel.launch(nproc, strip_nproc(args.argv or sys.argv[1:]), args.device or "auto")
     t0 = time.perf_counter()
     device = str(resolve_device(args.device or "cpu"))
-    if parallel.launched().size > 1:  # under torchrun: the ranks embed their shares, then rank 0 indexes
-        if not embed_over_ranks(args):
-            return 0
+    if parallel.launched().size > 1 and not embed_over_ranks(args):  # under torchrun: only rank 0 indexes
+        return 0
     bars = _Bars(getattr(args, "quiet", False))
     try:
         section = index_datastore(args.datastore, embedder=args.embedder, index=args.index, k=args.k,
