@@ -14,10 +14,13 @@ import sys
 from knnformer.cli.common import Interrupted, say
 from knnformer.cli.demo import add_demo_parser
 from knnformer.cli.evaluate import add_evaluate_parser
+from knnformer.cli.export import add_export_parser
 from knnformer.cli.generate import add_generate_parser
+from knnformer.cli.import_hf import add_import_hf_parser
 from knnformer.cli.index import add_index_parser
 from knnformer.cli.inspect import add_inspect_parser
 from knnformer.cli.lra import add_lra_parser
+from knnformer.cli.plot import add_plot_parser
 from knnformer.cli.prepare import add_prepare_parser
 from knnformer.cli.train import add_train_parser
 
@@ -25,6 +28,7 @@ logger = logging.getLogger("knnformer")
 
 SUBCOMMANDS = (add_prepare_parser, add_index_parser, add_inspect_parser, add_train_parser, add_evaluate_parser,
                add_generate_parser, add_lra_parser, add_demo_parser)  # in the order --help lists them
+SUBCOMMANDS += (add_plot_parser, add_export_parser, add_import_hf_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

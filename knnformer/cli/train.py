@@ -30,6 +30,8 @@ def resolve_train_config(args, store, run_dir: Path):
             say("--config is ignored with --resume: the run's saved config is used (change it with --set)")
         return config_from_dict(values)
     config = load_config(args.config, args.set or [])
+    if args.init_from:
+        config.model = init_model_config(args, store)
     vocab = store.tokenizer.vocab_size
     if config.model.vocab_size == 0:
         config.model.vocab_size = vocab
@@ -39,7 +41,23 @@ def resolve_train_config(args, store, run_dir: Path):
     return config
 
 
-def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool = False) -> object:
+def init_model_config(args, store):
+    """``--init-from RUN``: the model section of RUN's record (with any ``--set model.*``), refused if RUN's
+    tokenizer is not the datastore's."""
+    from knnformer.config import apply_overrides, config_from_dict
+    from knnformer.run.checkpoint import latest_checkpoint, load_checkpoint
+
+    if args.resume:
+        raise ValueError("--init-from starts a new run; drop --resume")
+    record = load_checkpoint(latest_checkpoint(args.init_from))["config"]
+    if record["datastore"].get("tokenizer_fingerprint") != store.manifest["tokenizer"]["fingerprint"]:
+        raise ValueError(f"{store.path} was built with another tokenizer than the run {args.init_from}")
+    model_sets = [s for s in args.set or [] if s.strip().startswith("model.")]
+    return config_from_dict(apply_overrides({"model": record["config"]["model"]}, model_sets)).model
+
+
+def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool = False,
+                        init_from: str | None = None) -> object:
     """Train (or resume) the run behind a progress bar: loss, median tokens/s and MoE statistics in its postfix,
     evaluations and events above it. Raises ``Interrupted`` when training was stopped on request."""
     from knnformer.train.trainer import train
@@ -67,7 +85,7 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
         bar.update(1)
 
     try:
-        result = train(run_dir, store, config, resume=resume, on_step=on_step)
+        result = train(run_dir, store, config, resume=resume, on_step=on_step, init_from=init_from)
     finally:
         bar.close()
         from knnformer.train import parallel
@@ -105,7 +123,7 @@ def cmd_train(args) -> int:
         say(f"training {config.model.num_layers} layers x {config.model.dim} wide, context {config.model.context}, "
             f"{config.train.steps} steps of {config.train.batch_size * config.train.grad_accum} sequences "
             f"-> {run_dir}; on {device}{ranks}, {dtype} ({why})")
-    result = train_with_progress(run_dir, store, config, args.resume, quiet)
+    result = train_with_progress(run_dir, store, config, args.resume, quiet, args.init_from)
     if not world.main:
         return 0
     print(f"trained to step {result.step}: train loss {result.last_loss:.4f}"
@@ -139,5 +157,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--nproc", type=int, default=0, metavar="N",
                    help="train with N processes on this machine (starts torchrun; train.parallel picks ddp or fsdp)")
     s.set_defaults(argv=None)
+    s.add_argument("--init-from", metavar="RUN", default=None,
+                   help="start a new run from RUN's decoder (its model section and weights; retrieval layers, if "
+                        "enabled, start fresh): a run trained here or one made by `knnformer import-hf`")
     s.set_defaults(func=cmd_train)
     return s

@@ -239,6 +239,9 @@ class TrainConfig:
     """Torch intra-op threads; 0 leaves torch's default (one per core; ``torchrun`` sets OMP_NUM_THREADS=1 per
     rank unless told otherwise, ``--nproc N`` sets cores / N). Waiting threads sleep rather than spin
     (``OMP_WAIT_POLICY=PASSIVE``, set by ``import knnformer``), which is what keeps a shared machine fast."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files of every step's metrics into ``RUN/tensorboard/`` (needs the
+    ``tensorboard`` package)."""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_interval", "keep_checkpoints", "log_interval"):

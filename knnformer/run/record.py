@@ -63,6 +63,9 @@ def run_retrieval(record: dict[str, Any]) -> RetrievalConfig:
 def open_run_datastore(record: dict[str, Any], override: str | None = None) -> Datastore:
     """The datastore a run was trained on (or ``override``), refused if its tokenizer differs from the run's."""
     path = override or record["datastore"]["path"]
+    if not path:  # a run made by `knnformer import-hf`
+        raise ValueError("this run names no datastore (imported from a Hugging Face folder); give --datastore, "
+                         "a datastore prepared with the run's tokenizer")
     datastore = Datastore.open(path)
     expected = record["datastore"]["tokenizer_fingerprint"]
     if datastore.manifest["tokenizer"]["fingerprint"] != expected:

@@ -36,14 +36,17 @@ from knnformer.run.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from knnformer.run.plots import write_curves
 from knnformer.run.refreshes import changed_share, load_refresh, prune_refreshes, refresh_folder
 from knnformer.run.vectors import frozen_vectors
 from knnformer.runtime import autocast, choose_dtype
 from knnformer.train import parallel
+from knnformer.train.init import load_decoder
 from knnformer.train.inputs import estimate_loss, make_samplers, resolve_retrieval
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
 from knnformer.train.refresh import BackgroundRefresh, FinishedRefresh, refresh_due, refresh_neighbours
 from knnformer.train.stop import StopRequested
+from knnformer.train.tensorboard import TensorBoard
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _last_wall_s(path: Path) -> float:
+    """The ``wall_s`` of the last metrics line (0 if none), where a resumed run's clock goes on from."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return float(json.loads(lines[-1]).get("wall_s", 0.0)) if lines else 0.0
 
 
 @dataclass
@@ -118,6 +127,7 @@ class Trainer:
         self.pending = None  # a refresh started but not yet swapped in (refresh.BackgroundRefresh or FinishedRefresh)
         self.step, self.last_loss, self.valid = 0, float("nan"), {}
         self._t_last = time.perf_counter()  # end of the last timed step: what tokens_per_s is measured from
+        self.wall_before = 0.0  # seconds the run trained before this process (a resume): metrics' wall_s goes on
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -195,6 +205,7 @@ class Trainer:
             self.pending = FinishedRefresh(self.run_dir / p["folder"], self.datastore, self.neighbours.layout,
                                            self.rcfg.search.hops, p["id"], p["step"], p["swap_step"])
         _truncate_metrics(self.metrics_path, self.step)
+        self.wall_before = _last_wall_s(self.metrics_path)
         logger.info("resumed from %s at step %d", ckpt["path"], self.step)
 
     def _write_record(self) -> None:
@@ -213,7 +224,7 @@ class Trainer:
         self.meter = StatsMeter(self.model)
         interrupted = False
         with StopRequested() as stop, open(self.metrics_path if self.world.main else os.devnull, "a") as metrics:
-            self._t_last = time.perf_counter()
+            self._t_last = self._t_start = time.perf_counter()
             while self.step < cfg.steps:
                 refreshed = self.refresh_before_step()
                 row = self.metrics_row(self.train_step(), refreshed)
@@ -275,7 +286,7 @@ class Trainer:
         now = time.perf_counter()
         tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.mcfg.context
         row = {"step": self.step, "loss": stats.loss, "lr": stats.lr,
-               "tokens_per_s": tokens_per_step / (now - self._t_last)}
+               "tokens_per_s": tokens_per_step / (now - self._t_last), "wall_s": self.wall_before + now - self._t_start}
         self._t_last = now
         if stats.grad_norm is not None:
             row["grad_norm"] = float(stats.grad_norm)
@@ -402,8 +413,25 @@ class Trainer:
 
 
 def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: bool = False,
-          on_step: Callable[[dict[str, Any]], None] | None = None, device: str | None = None) -> TrainResult:
-    """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar."""
-    trainer = Trainer(run_dir, datastore, config, on_step, device)
+          on_step: Callable[[dict[str, Any]], None] | None = None, device: str | None = None,
+          init_from: str | Path | None = None) -> TrainResult:
+    """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar.
+    ``init_from``: a run whose decoder weights a new run starts from (see init.py)."""
+    main = parallel.launched().main  # under several ranks, rank 0 alone writes TensorBoard files and curves
+    board = TensorBoard.open(run_dir, config.train.tensorboard and main)  # None unless train.tensorboard
+    trainer = Trainer(run_dir, datastore, config, board.hook(on_step) if board else on_step, device)
+    if init_from is not None and not resume:
+        if parallel.is_sharded(trainer.model):
+            raise ValueError("--init-from loads a whole decoder: start the run with train.parallel=ddp (or one "
+                             "process), then resume it under fsdp")
+        load_decoder(trainer.model, init_from)
+        trainer.record["init_from"] = str(Path(init_from).resolve())
     trainer.start(resume)
-    return trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        if board:
+            board.close()
+    if main:
+        write_curves(run_dir)  # RUN/curves.png (a failure to draw is logged, never raised)
+    return result
