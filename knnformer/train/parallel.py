@@ -187,7 +187,10 @@ def wrap(model: torch.nn.Module, cfg, world: World, device: torch.device) -> tor
         kwargs: dict[str, Any] = {}
         if cfg.fsdp_mixed_precision:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        kwargs["offload_policy"] = CPUOffloadPolicy() if cfg.fsdp_cpu_offload else OffloadPolicy()
+        offload = cfg.fsdp_cpu_offload and device.type != "cpu"  # on a CPU everything already lives there
+        if cfg.fsdp_cpu_offload and not offload:
+            logger.info("train.fsdp_cpu_offload changes nothing on the CPU (torch's policy needs an accelerator)")
+        kwargs["offload_policy"] = CPUOffloadPolicy() if offload else OffloadPolicy()
         for block in model.blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
