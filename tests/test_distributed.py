@@ -84,8 +84,11 @@ def test_ddp_and_fsdp_follow_the_one_process_loss_curve_and_resume_at_1_and_2_ra
     cli("evaluate", str(tmp_path / "fsdp"))  # the full weights rank 0 wrote are what evaluate reads
 
 
-def test_index_over_two_ranks_gives_the_one_process_neighbours(tmp_path, byte_store):
+def test_index_over_two_ranks_gives_the_one_process_neighbours_and_a_retrieval_run_trains_under_ddp(
+        tmp_path, byte_store, tiny_config):
     import numpy as np
+
+    from knnformer.data.datastore import Datastore
 
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(byte_store.path, one)
@@ -98,3 +101,10 @@ def test_index_over_two_ranks_gives_the_one_process_neighbours(tmp_path, byte_st
     assert manifest["embeddings"]["ranks"] == 2
     assert not list(two.glob(".embeddings.f16.shard-*"))
     assert np.load(two / "neighbours.npy").shape[0] == manifest["chunks"]["num_chunks"]
+    # a RETRO run under DDP: each rank reads the neighbours of its own windows; the one-process losses
+    tiny_config.train.steps, tiny_config.train.eval_interval = 3, 0
+    tiny_config.retrieval.enabled = True
+    train(tmp_path / "retro1", Datastore.open(two), tiny_config)
+    cli("train", str(two), "--out", str(tmp_path / "retro2"), "--config", "tiny", "--nproc", "2",
+        "--set", "train.steps=3", "--set", "train.eval_interval=0", "--set", "retrieval.enabled=true")
+    assert losses(tmp_path / "retro2") == pytest.approx(losses(tmp_path / "retro1"), rel=1e-5)
