@@ -108,3 +108,40 @@ def test_index_over_two_ranks_gives_the_one_process_neighbours_and_a_retrieval_r
     cli("train", str(two), "--out", str(tmp_path / "retro2"), "--config", "tiny", "--nproc", "2",
         "--set", "train.steps=3", "--set", "train.eval_interval=0", "--set", "retrieval.enabled=true")
     assert losses(tmp_path / "retro2") == pytest.approx(losses(tmp_path / "retro1"), rel=1e-5)
+
+
+def test_a_rank_that_dies_stops_the_others_and_leaves_only_whole_checkpoints(tmp_path, byte_store):
+    import signal
+    import time
+
+    import psutil
+
+    run = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "knnformer.cli", "-q", "train", str(byte_store.path), "--out",
+                                 str(run), "--config", "tiny", "--nproc", "2", "--set", "train.steps=100000",
+                                 "--set", "train.eval_interval=0", "--set", "train.checkpoint_interval=3"],
+                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list_checkpoints(run) and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.5)
+        assert list_checkpoints(run), "no checkpoint within 3 minutes"
+        ranks = {}
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                local = child.environ().get("LOCAL_RANK")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if local is not None and "knnformer.cli" in " ".join(child.cmdline()):
+                ranks[local] = child
+        assert set(ranks) == {"0", "1"}
+        ranks["1"].send_signal(signal.SIGKILL)  # rank 1 dies mid-run
+        code = launcher.wait(timeout=120)  # torchrun stops rank 0 and fails
+        assert code != 0
+        assert not ranks["0"].is_running() or ranks["0"].status() == psutil.STATUS_ZOMBIE
+        for ckpt in list_checkpoints(run):  # every checkpoint in place is whole (temporaries are never listed)
+            assert (ckpt / "checksums.json").is_file() and (ckpt / "model.safetensors").is_file()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        launcher.communicate()
