@@ -22,13 +22,17 @@ from knnformer.cli.inspect import add_inspect_parser
 from knnformer.cli.lra import add_lra_parser
 from knnformer.cli.plot import add_plot_parser
 from knnformer.cli.prepare import add_prepare_parser
+from knnformer.cli.serve import add_serve_parser
 from knnformer.cli.train import add_train_parser
+from knnformer.cli.verify import add_verify_parser
 
 logger = logging.getLogger("knnformer")
 
 SUBCOMMANDS = (add_prepare_parser, add_index_parser, add_inspect_parser, add_train_parser, add_evaluate_parser,
                add_generate_parser, add_lra_parser, add_demo_parser)  # in the order --help lists them
 SUBCOMMANDS += (add_plot_parser, add_export_parser, add_import_hf_parser)
+SUBCOMMANDS += (add_verify_parser,)
+SUBCOMMANDS += (add_serve_parser,)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # a full disk, a folder not writable, a file where a folder should be: one line
+        from knnformer.io import describe_os_error
+
+        say(f"error: {describe_os_error(e)}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from knnformer.cli.common import say
 
 def cmd_export(args) -> int:
     from knnformer.export.hf import export_run
+    from knnformer.io import claim_folder
 
+    _claim = claim_folder(args.hf, "export")  # one writer per folder; released when this returns
     summary = export_run(args.run, args.hf, force=args.force, datastore=args.datastore)
     if summary["retrieval_left_out"]:
         say("this run retrieves: its decoder is exported without the retrieval layers (the run with retrieval off); "

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from knnformer.cli.values import check_generate_args
 from knnformer.run.record import run_retrieval
 
 
@@ -40,6 +41,7 @@ def cmd_generate(args) -> int:
     from knnformer.runtime import resolve_device
     from knnformer.serve.generate import RetrievingGenerator, sample_ids, stream_text
 
+    check_generate_args(args)  # --max-new-tokens 0, --top-p 1.5: refused before the model is loaded
     model, record, _ = load_run(args.run, str(resolve_device(args.device or "cpu")))
     store = open_run_datastore(record, args.datastore)
     tokenizer = store.tokenizer

@@ -8,7 +8,9 @@ import argparse
 
 def cmd_import_hf(args) -> int:
     from knnformer.export.importer import import_hf
+    from knnformer.io import claim_folder
 
+    _claim = claim_folder(args.out, "import-hf")  # one writer per folder; released when this returns
     summary = import_hf(args.dir, args.out, force=args.force, context=args.context)
     gqa = summary["key_value_heads"]
     heads = f", its {gqa} key/value heads repeated for {summary['heads']} query heads" if gqa < summary["heads"] else ""

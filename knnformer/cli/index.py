@@ -59,6 +59,8 @@ def format_summary(path: str, section: dict, seconds: float) -> str:
 
 
 def cmd_index(args) -> int:
+    from knnformer.data.datastore import Datastore
+    from knnformer.io import claim_folder, recover_swapped_folder
     from knnformer.retrieval.build import index_datastore
     from knnformer.runtime import resolve_device
     from knnformer.train import parallel
@@ -70,6 +72,11 @@ def cmd_index(args) -> int:
         from knnformer.cli.train import strip_nproc
 
         return parallel.launch(nproc, strip_nproc(args.argv or sys.argv[1:]), args.device or "auto")
+    world = parallel.launched()
+    if world.main:  # under torchrun rank 0 holds the folder for all ranks (they only add their shard files)
+        recover_swapped_folder(args.datastore)  # a prepare --force killed mid-swap left the old datastore aside
+    Datastore.open(args.datastore)  # a one-line error for what is not a datastore, before any lock file is made
+    _claim = claim_folder(args.datastore, "index") if world.main else None  # one writer per folder
     t0 = time.perf_counter()
     device = str(resolve_device(args.device or "cpu"))
     if parallel.launched().size > 1 and not embed_over_ranks(args):  # under torchrun: only rank 0 indexes

@@ -60,8 +60,13 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
                         init_from: str | None = None) -> object:
     """Train (or resume) the run behind a progress bar: loss, median tokens/s and MoE statistics in its postfix,
     evaluations and events above it. Raises ``Interrupted`` when training was stopped on request."""
+    from knnformer.io import claim_folder
     from knnformer.train.trainer import train
 
+    from knnformer.train import parallel
+
+    # one writer per folder, released when this returns; under torchrun rank 0 holds it for every rank
+    _claim = claim_folder(run_dir, "train") if parallel.launched().main else None
     cfg = config.train
     start = 0
     if resume:
@@ -98,6 +103,17 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
     return result
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """``--out`` must be a run folder: not a file, not a datastore (run files would be written into it)."""
+    from knnformer.data.datastore import is_datastore
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file, not a folder; pick another --out")
+    if is_datastore(run_dir):
+        raise ValueError(f"--out {run_dir} is a datastore (it has a datastore manifest.json); the run needs a folder "
+                         "of its own: pick another --out")
+
+
 def cmd_train(args) -> int:
     import sys
 
@@ -108,6 +124,7 @@ def cmd_train(args) -> int:
         return parallel.launch(args.nproc, strip_nproc(args.argv or sys.argv[1:]), args.device or "auto")
     store = Datastore.open(args.datastore)
     run_dir = Path(args.out)
+    check_run_folder(run_dir)
     config = resolve_train_config(args, store, run_dir)
     if args.device:
         config.train.device = args.device

@@ -240,7 +240,7 @@ def save_distributed(run_dir: Path, step: int, model: torch.nn.Module, optimizer
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from knnformer.io import file_sha256, writing_folder
-    from knnformer.run.checkpoint import list_checkpoints
+    from knnformer.run.checkpoint import list_checkpoints, save_state
 
     final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -254,7 +254,7 @@ def save_distributed(run_dir: Path, step: int, model: torch.nn.Module, optimizer
         if world.main:
             save_file({k: v.detach().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
             (tmp / "config.json").write_text(json.dumps(record, indent=2))
-            torch.save({"step": step, "world_size": world.size, **state}, tmp / "state.pt")
+            save_state(tmp, {"step": step, "world_size": world.size, **state})  # as save_checkpoint writes it
             names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
             (tmp / "checksums.json").write_text(json.dumps({n: file_sha256(tmp / n) for n in names}, indent=2))
     barrier()

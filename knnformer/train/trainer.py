@@ -32,6 +32,8 @@ from knnformer.run.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_optimizer,
+    load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -190,8 +192,8 @@ class Trainer:
         if distributed:  # saved by a sharded run: DCP reshards it onto this world size
             parallel.load_distributed(path, self.model, self.optimizer)
         else:
-            self.model.load_state_dict(ckpt["weights"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load_weights(self.model, ckpt)  # a model of another shape: a one-line error, not a traceback
+            load_optimizer(self.optimizer, ckpt)
         self.step = ckpt["state"]["step"]
         self.generator.set_state(ckpt["state"]["generator"])
         set_rng_state(ckpt["state"]["rng"])
@@ -204,7 +206,8 @@ class Trainer:
             p = self.record["refresh_pending"] = saved["refresh_pending"]
             self.pending = FinishedRefresh(self.run_dir / p["folder"], self.datastore, self.neighbours.layout,
                                            self.rcfg.search.hops, p["id"], p["step"], p["swap_step"])
-        _truncate_metrics(self.metrics_path, self.step)
+        if self.world.main:  # another rank's rewrite would swap the file under rank 0's appends
+            _truncate_metrics(self.metrics_path, self.step)
         self.wall_before = _last_wall_s(self.metrics_path)
         logger.info("resumed from %s at step %d", ckpt["path"], self.step)
 
