@@ -103,3 +103,17 @@ def test_activation_checkpointing_and_fp16_train(tmp_path, byte_store, tiny_conf
     train(tmp_path / "fp16", byte_store, tiny_config)
     assert all(math.isfinite(x) for x in losses(tmp_path / "fp16"))
     assert losses(tmp_path / "fp16") == pytest.approx(losses(tmp_path / "plain"), rel=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_run_trains_on_cuda_in_the_precision_auto_picks(tmp_path, byte_store, tiny_config):
+    from knnformer.run.record import load_run
+    from knnformer.train.trainer import train
+
+    tiny_config.train.steps, tiny_config.train.eval_interval, tiny_config.train.dtype = 3, 0, "auto"
+    train(tmp_path / "run", byte_store, tiny_config, device="cuda")
+    _, record, _ = load_run(tmp_path / "run")
+    runtime = record["runtime"]
+    assert runtime["device"].startswith("cuda")
+    assert runtime["dtype"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")

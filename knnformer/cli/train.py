@@ -61,9 +61,8 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
     """Train (or resume) the run behind a progress bar: loss, median tokens/s and MoE statistics in its postfix,
     evaluations and events above it. Raises ``Interrupted`` when training was stopped on request."""
     from knnformer.io import claim_folder
-    from knnformer.train.trainer import train
-
     from knnformer.train import parallel
+    from knnformer.train.trainer import train
 
     # one writer per folder, released when this returns; under torchrun rank 0 holds it for every rank
     _claim = claim_folder(run_dir, "train") if parallel.launched().main else None
@@ -93,8 +92,6 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
         result = train(run_dir, store, config, resume=resume, on_step=on_step, init_from=init_from)
     finally:
         bar.close()
-        from knnformer.train import parallel
-
         parallel.stop()
     if result.interrupted:
         say(f"stopped at step {result.step}; checkpoint saved. Continue with `knnformer train {store.path} "
