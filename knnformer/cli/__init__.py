@@ -1,4 +1,4 @@
-"""The ``knnformer`` command: prepare, index, inspect, train, evaluate, generate, lra and demo.
+"""The ``knnformer`` command: prepare, index, inspect, train, evaluate, generate, lra, sweep and demo.
 
 Each subcommand lives in its own module here, with its ``cmd_X`` and the ``add_X_parser(sub)`` that wires it
 in; this module builds the parser, sets up logging and turns errors into one line and an exit status. The CLI
@@ -23,6 +23,7 @@ from knnformer.cli.lra import add_lra_parser
 from knnformer.cli.plot import add_plot_parser
 from knnformer.cli.prepare import add_prepare_parser
 from knnformer.cli.serve import add_serve_parser
+from knnformer.cli.sweep import add_sweep_parser
 from knnformer.cli.train import add_train_parser
 from knnformer.cli.verify import add_verify_parser
 
@@ -33,6 +34,7 @@ SUBCOMMANDS = (add_prepare_parser, add_index_parser, add_inspect_parser, add_tra
 SUBCOMMANDS += (add_plot_parser, add_export_parser, add_import_hf_parser)
 SUBCOMMANDS += (add_verify_parser,)
 SUBCOMMANDS += (add_serve_parser,)
+SUBCOMMANDS += (add_sweep_parser,)
 
 
 def build_parser() -> argparse.ArgumentParser:
