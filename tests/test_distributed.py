@@ -145,3 +145,20 @@ def test_a_rank_that_dies_stops_the_others_and_leaves_only_whole_checkpoints(tmp
         if launcher.poll() is None:
             launcher.kill()
         launcher.communicate()
+
+
+def test_a_learned_retriever_refreshes_once_under_ddp_and_takes_the_one_process_losses(tmp_path):
+    from test_refresh import learned_config, line_store
+
+    store = line_store(tmp_path)
+    sets = ["model.context=64", "retrieval.enabled=true", "retrieval.chunk_size=16", "retrieval.retriever.kind=learned",
+            "train.steps=11", "train.eval_interval=0", "train.checkpoint_interval=3", "retrieval.refresh.schedule=0-:4",
+            "retrieval.refresh.lag=2", "retrieval.retriever.init=scratch"]
+    train(tmp_path / "one", store, learned_config(*sets))
+    cli("train", str(store.path), "--out", str(tmp_path / "two"), "--config", "tiny", "--nproc", "2",
+        *[arg for s in sets for arg in ("--set", s)])
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two")}
+    # step 0's refresh in line, the others in the background on rank 0, read from disk by rank 1
+    assert [(r["step"], r["refresh"]) for r in rows["two"] if "refresh" in r] == [(1, 1), (7, 2), (11, 3)]
+    assert [r["loss"] for r in rows["two"]] == pytest.approx([r["loss"] for r in rows["one"]], rel=1e-5)

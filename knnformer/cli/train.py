@@ -89,7 +89,8 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
         bar.update(1)
 
     try:
-        result = train(run_dir, store, config, resume=resume, on_step=on_step, init_from=init_from)
+        result = train(run_dir, store, config, resume=resume, on_step=on_step if parallel.launched().main else None,
+                       init_from=init_from)
     finally:
         bar.close()
         parallel.stop()

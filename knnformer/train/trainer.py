@@ -121,9 +121,9 @@ class Trainer:
         if self.world.size > 1 and self.mcfg.ffn == "moe" and self.mcfg.moe.expert_parallel:
             raise ValueError("model.moe.expert_parallel is a layer for now (train/parallel.shard_experts, tested on 2 "
                              "ranks); the trainer does not checkpoint sharded experts yet: train MoE with DDP or FSDP")
-        if self.world.size > 1 and self.schedule:
-            raise ValueError("retrieval.refresh (a learned retriever's re-indexing) runs in one process only for "
-                             "now; train it without --nproc / torchrun")
+        if self.world.size > 1 and self.schedule and self.cfg.parallel == "fsdp":
+            raise ValueError("retrieval.refresh (a learned retriever's re-indexing) reads whole weights: train it "
+                             "with train.parallel=ddp or one process")
         self._setup_model()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.pending = None  # a refresh started but not yet swapped in (refresh.BackgroundRefresh or FinishedRefresh)
@@ -320,7 +320,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Save a checkpoint at ``self.step``; for a learned retriever, then drop the refreshes nothing reads."""
-        if self.pending is not None:  # a checkpoint names the pending refresh's folder, so that folder must exist
+        if self.pending is not None and self.world.main:  # a checkpoint names the pending refresh's folder
             self.pending.result()
         state = {"generator": self.generator.get_state(), "rng": rng_state()}
         if parallel.is_sharded(self.model):  # FSDP: every rank writes its shards (torch.distributed.checkpoint)
@@ -369,8 +369,15 @@ class Trainer:
     def _refresh_in_line(self) -> dict[str, Any]:
         t_refresh, t_cpu = time.perf_counter(), time.process_time()
         refresh_id = self.record["refresh"]["id"] + 1
-        new = refresh_neighbours(self.model, self.neighbours, self.run_dir, refresh_id, self.step,
-                                 **self._refresh_kwargs())
+        new = None
+        if self.world.main:  # under several ranks rank 0 refreshes once; the others read its folder
+            new = refresh_neighbours(self.model, self.neighbours, self.run_dir, refresh_id, self.step,
+                                     **self._refresh_kwargs())
+        if self.world.size > 1:
+            parallel.barrier()
+            if not self.world.main:
+                new = load_refresh(self.run_dir / self._folder_name(refresh_id), self.datastore,
+                                   self.neighbours.layout, self.rcfg.search.hops)
         refreshed = self.swap_in(new, refresh_id, self.step)
         refreshed["refresh_seconds"] = time.perf_counter() - t_refresh
         refreshed["refresh_cpu_seconds"] = time.process_time() - t_cpu
@@ -378,13 +385,21 @@ class Trainer:
 
     def _start_background_refresh(self) -> None:
         refresh_id, step, swap_step = self.record["refresh"]["id"] + 1, self.step, self.step + self.lag
-        self.pending = BackgroundRefresh(self.model, self.rcfg, self.neighbours, self.run_dir, refresh_id, step,
-                                         swap_step, **self._refresh_kwargs())
+        if self.world.main:
+            self.pending = BackgroundRefresh(self.model, self.rcfg, self.neighbours, self.run_dir, refresh_id, step,
+                                             swap_step, **self._refresh_kwargs())
+        else:  # rank 0 computes it; this rank reads its folder when it is swapped in
+            self.pending = FinishedRefresh(self.run_dir / self._folder_name(refresh_id), self.datastore,
+                                           self.neighbours.layout, self.rcfg.search.hops, refresh_id, step, swap_step)
         self.record["refresh_pending"] = {"id": refresh_id, "step": step, "swap_step": swap_step,
                                           "folder": self._folder_name(refresh_id)}
 
     def _swap_in_pending(self) -> dict[str, Any]:
         t_wait = time.perf_counter()
+        if self.world.size > 1:  # rank 0's refresh is written before any rank reads it
+            if self.world.main:
+                self.pending.result()
+            parallel.barrier()
         new = self.pending.result()  # waits only if the background refresh is not done yet
         refreshed = self.swap_in(new, self.pending.refresh_id, self.pending.step)
         refreshed["refresh_seconds"] = time.perf_counter() - t_wait
