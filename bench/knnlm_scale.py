@@ -26,7 +26,8 @@ from pathlib import Path
 from bench.speed import git_state, machine
 
 
-def one(run: str, size: int, out: str, threads: int, exact_sample: int, recall: float, budget_gib: float) -> None:
+def one(run: str, size: int, out: str, threads: int, exact_sample: int, recall: float, budget_gib: float,
+        index: str) -> None:
     """One size, in this process: evaluate_knn_lm with tqdm bars on stderr; the result to ``out``."""
     from tqdm import tqdm
 
@@ -43,7 +44,8 @@ def one(run: str, size: int, out: str, threads: int, exact_sample: int, recall: 
     load = os.getloadavg()
     t0 = time.perf_counter()
     r = evaluate_knn_lm(run, "valid", max_keys=size, threads=threads, progress_factory=factory,
-                        exact_sample=exact_sample, recall_target=recall, memory_budget=int(budget_gib * (1 << 30)))
+                        exact_sample=exact_sample, recall_target=recall, memory_budget=int(budget_gib * (1 << 30)),
+                        index=index)
     for bar in bars:
         bar.close()
     r["wall_seconds"] = round(time.perf_counter() - t0, 3)
@@ -74,11 +76,13 @@ def main() -> None:
     p.add_argument("--exact-sample", type=int, default=1000)
     p.add_argument("--recall", type=float, default=0.95)
     p.add_argument("--memory-budget", type=float, default=2.0, help="GiB")
+    p.add_argument("--index", default="auto", choices=["auto", "exact", "ivf", "ivfpq"])
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--one-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one is not None:
-        one(args.run, args.one, args.one_out, args.threads, args.exact_sample, args.recall, args.memory_budget)
+        one(args.run, args.one, args.one_out, args.threads, args.exact_sample, args.recall, args.memory_budget,
+            args.index)
         return
     out = Path(args.out)
     report = {"command": " ".join(sys.argv), "machine": machine(), "git": git_state(), "run": args.run,
@@ -90,7 +94,7 @@ def main() -> None:
         tmp = out.with_suffix(f".{size}.tmp")
         cmd = [sys.executable, "-m", "bench.knnlm_scale", args.run, "--one", str(size), "--one-out", str(tmp),
                "--threads", str(args.threads), "--exact-sample", str(args.exact_sample), "--recall",
-               str(args.recall), "--memory-budget", str(args.memory_budget)]
+               str(args.recall), "--memory-budget", str(args.memory_budget), "--index", args.index]
         print(" ".join(cmd), file=sys.stderr, flush=True)
         rc = subprocess.run(cmd).returncode
         if rc != 0:
@@ -102,7 +106,7 @@ def main() -> None:
         keys_total += 0.0 if r["store"]["reused"] else r["seconds"]["store"]
         s["keys_seconds_total"] = round(r["store"].get("build_seconds") or keys_total, 3)
         s["eval_seconds_with_keys_reused"] = round(r["seconds"]["total"] - r["seconds"]["store"], 3)
-        report["sizes"][str(size)] = s
+        report["sizes"][f"{size}/{args.index}"] = s
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         print(json.dumps({size: s}, indent=1), flush=True)

@@ -396,3 +396,25 @@ def test_the_cli_shows_knn_lm_progress_on_stderr_even_with_json(tiny_run, tmp_pa
         assert stage in err
     assert main(["evaluate", str(run), "--knn-lm", "--memory-budget", "0.000001", "--knn-index", "ivfpq"]) == 2
     assert "memory-budget" in capsys.readouterr().err
+
+
+def test_a_large_store_assigns_keys_through_an_hnsw_graph_of_centroids(tmp_path, monkeypatch):
+    """From HNSW_QUANTIZER_MIN_LISTS lists on, the coarse quantizer is a graph; read back from disk it still
+    searches as many lists as nprobe asks (the graph's efSearch follows nprobe)."""
+    import knnformer.eval.knnlm.search as search_mod
+    from knnformer.eval.knnlm import open_key_search
+
+    monkeypatch.setattr(search_mod, "HNSW_QUANTIZER_MIN_LISTS", 1)
+    rng = np.random.default_rng(0)
+    xb = rng.normal(size=(20_000, 16)).astype(np.float16)
+    xq = rng.normal(size=(100, 16)).astype(np.float32)
+    (tmp_path / "keys.f16").write_bytes(xb.tobytes())
+    np.save(tmp_path / "values.npy", np.zeros(len(xb), dtype=np.int32))
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_keys": len(xb), "dim": 16}))
+    built, info = open_key_search(KnnStore.open(tmp_path), "ivfpq", nprobe=8)
+    import faiss
+
+    assert not info["reused"] and hasattr(faiss.downcast_index(built.index.quantizer), "hnsw")
+    read, info = open_key_search(KnnStore.open(tmp_path), "ivfpq", nprobe=built.index.nlist, refine=16)
+    assert info["reused"]
+    assert recall(read, xq, 10, num_queries=100) >= 0.95  # every list searched: only PQ's error is left

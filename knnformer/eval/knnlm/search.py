@@ -98,9 +98,10 @@ class KeySearch:
     def _set_nprobe(self) -> None:
         if self.index is None:
             return
-        ivf = _faiss(NEEDS_FAISS).extract_index_ivf(self.index)
+        faiss = _faiss(NEEDS_FAISS)
+        ivf = faiss.extract_index_ivf(self.index)
         ivf.nprobe = min(self.nprobe, ivf.nlist)
-        hnsw = getattr(ivf.quantizer, "hnsw", None)
+        hnsw = getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None)  # a read index's quantizer is a bare Index
         if hnsw is not None:
             hnsw.efSearch = max(2 * ivf.nprobe, 32)
 
@@ -261,8 +262,7 @@ def choose_settings(search: KeySearch, q: np.ndarray, exact_I: np.ndarray, k: in
                 found = rescore(search.keys, q, c, k, metric="l2")[1]
             else:
                 found = c
-            seconds = t_scan * (1.0 if refine == max(refines) else 0.5 + 0.5 * refine / max(refines)) + \
-                time.perf_counter() - t0
+            seconds = t_scan + time.perf_counter() - t0  # the scan barely depends on how many it returns
             r = _recall_of(found, exact)
             tried.append({"nprobe": nprobe, "refine": refine, "recall": round(r, 4),
                           "ms_per_query": round(1000 * seconds / len(q), 4)})
