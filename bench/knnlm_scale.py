@@ -51,7 +51,33 @@ def one(run: str, size: int, out: str, threads: int, exact_sample: int, recall: 
     r["wall_seconds"] = round(time.perf_counter() - t0, 3)
     r["load_before"], r["load_after"] = load, os.getloadavg()
     r["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    r["before"] = old_search_cost(run, size, r)
     Path(out).write_text(json.dumps(r, indent=2))
+
+
+def old_search_cost(run: str, size: int, r: dict, queries: int = 1000) -> dict:
+    """What the search before this issue would cost here: every valid query (tuning and scored) searched with
+    k_max 256, nprobe 8 and refine 8 (2,048 candidates re-scored from the memory map), timed on ``queries``
+    valid queries with the same index and scaled to all of them."""
+    import numpy as np
+
+    from knnformer.eval.knnlm import KnnStore, open_key_search
+
+    knn = KnnStore.open(Path(run) / "knnlm").prefix(size)
+    kind = r["index"]["kind"]
+    if kind == "exact":
+        return {}
+    search, _ = open_key_search(knn, kind, nprobe=8, refine=8)
+    n = r["half"] - 1 + r["tokens"]
+    h = np.memmap(knn.path / "queries-valid" / "h.f32", dtype=np.float32, mode="r", shape=(n, knn.dim))
+    rows = np.sort(np.random.default_rng(1).choice(n, queries, replace=False))
+    q = np.asarray(h[rows])
+    t0 = time.perf_counter()
+    search.search(q, min(256, knn.num_keys))
+    seconds = time.perf_counter() - t0
+    return {"kind": kind, "k": 256, "nprobe": 8, "refine": 8 if kind == "ivfpq" else None, "timed_queries": queries,
+            "seconds_per_query": seconds / queries, "estimated_search_seconds": round(seconds / queries * n, 1),
+            "load": os.getloadavg()}
 
 
 def summary(r: dict) -> dict:
@@ -64,7 +90,7 @@ def summary(r: dict) -> dict:
                                                              "k_searched", "bytes", "rescored_from")},
             "lambda": r["lambda"], "k": r["k"], "temperature": r["temperature"],
             "lm_bits_per_byte": r["lm"]["bits_per_byte"], "knn_bits_per_byte": r["bits_per_byte"],
-            "sample_check": c}
+            "sample_check": c, "before": r.get("before")}
 
 
 def main() -> None:
@@ -96,7 +122,7 @@ def main() -> None:
                "--threads", str(args.threads), "--exact-sample", str(args.exact_sample), "--recall",
                str(args.recall), "--memory-budget", str(args.memory_budget), "--index", args.index]
         print(" ".join(cmd), file=sys.stderr, flush=True)
-        rc = subprocess.run(cmd).returncode
+        rc = subprocess.run(cmd, check=False).returncode
         if rc != 0:
             print(f"size {size:,} failed (exit {rc}); stopping", file=sys.stderr)
             break
