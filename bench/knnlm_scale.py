@@ -100,7 +100,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/knnlm-scale-gutenberg.json")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--exact-sample", type=int, default=1000)
-    p.add_argument("--recall", type=float, default=0.95)
+    p.add_argument("--recall", type=float, default=0.99)
     p.add_argument("--memory-budget", type=float, default=2.0, help="GiB")
     p.add_argument("--index", default="auto", choices=["auto", "exact", "ivf", "ivfpq"])
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)

@@ -368,14 +368,14 @@ def test_an_approximate_evaluation_is_checked_against_exact_and_resumes_its_sear
     run_dir, _ = tiny_run
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    r = knn(run, k_max=16, index="ivfpq", exact_sample=200, tune_queries=2_000)
+    r = knn(run, k_max=16, index="ivfpq", exact_sample=200, tune_queries=2_000, recall_target=0.95)
     c = r["sample_check"]
     assert r["index"]["kind"] == "ivfpq" and r["index"]["recall_at_k"] >= 0.9
     assert r["index"]["settings_for_scoring"]["recall"] >= 0.95
     assert c["queries"] == 200 and c["gain_vs_exact"] is not None
     assert abs(c["gain_bits_per_byte"] - c["exact_gain_bits_per_byte"]) <= 0.1 * abs(c["exact_gain_bits_per_byte"])
     assert r["tuning"]["tokens"] == 2_000 and r["index"]["k_searched"] <= 16
-    again = knn(run, k_max=16, index="ivfpq", exact_sample=200, tune_queries=2_000)
+    again = knn(run, k_max=16, index="ivfpq", exact_sample=200, tune_queries=2_000, recall_target=0.95)
     assert again["index"]["scored_search_reused"] and again["index"]["reused"]
     assert again["loss"] == r["loss"] and again["tuning"] == r["tuning"]
     with pytest.raises(ValueError, match="memory-budget"):

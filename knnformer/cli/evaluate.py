@@ -67,9 +67,9 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     s.add_argument("--knn-k-max", type=int, default=256, help="largest k tried when tuning kNN-LM (default 256)")
     s.add_argument("--knn-max-keys", type=int, default=None, metavar="N",
                    help="kNN-LM over the first N train positions only (the store grows to more without recomputing)")
-    s.add_argument("--knn-recall", type=float, default=0.95,
+    s.add_argument("--knn-recall", type=float, default=0.99,
                    help="recall@k against exact search that kNN-LM's nprobe and refine are chosen to reach, "
-                        "measured on a sample of the tuning tokens (default 0.95)")
+                        "measured on a sample of the tuning tokens (default 0.99)")
     s.add_argument("--knn-nprobe", type=int, default=None, help="fix the IVF lists searched (default: by recall)")
     s.add_argument("--knn-refine", type=int, default=None,
                    help="fix IVF-PQ's candidates re-scored exactly, as a multiple of k (default: by recall)")

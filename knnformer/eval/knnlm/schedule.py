@@ -65,13 +65,21 @@ class Queries:
                        source={**self.source, "rows_sha256": _sha(rows.tobytes()), "rows": len(rows)})
 
 
-def interpolated(tuned: dict, binned: dict | None, q: Queries, values: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one-lambda and the final (per distance bin when ``binned``) interpolated log-probabilities of ``q``."""
-    knn = knn_logprobs(q.distances(), q.matches(values), tuned["temperature"], [tuned["k"]])
-    single = interpolate(q.logp, knn[:, 0], tuned["lambda"])
-    if binned is None:
-        return single, single
-    return single, interpolate_by_distance(q.logp, q.distances(), q.matches(values), tuned["temperature"], binned)
+def interpolated(tuned: dict, binned: dict | None, q: Queries, values: np.ndarray,
+                 rows: int = 32_768) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-lambda and the final (per distance bin when ``binned``) interpolated log-probabilities of ``q``,
+    ``rows`` queries at a time (p_knn for every k of 400k queries at k 256 would hold gigabytes of float64)."""
+    singles, finals = [], []
+    for b in range(0, len(q.y), rows):
+        part = Queries(q.h, q.logp[b : b + rows], q.y[b : b + rows], np.asarray(q.D[b : b + rows]),
+                       np.asarray(q.I[b : b + rows]))
+        dist, match = part.distances(), part.matches(values)
+        knn = knn_logprobs(dist, match, tuned["temperature"], [tuned["k"]])
+        singles.append(interpolate(part.logp, knn[:, 0], tuned["lambda"]))
+        finals.append(singles[-1] if binned is None else
+                      interpolate_by_distance(part.logp, dist, match, tuned["temperature"], binned))
+    single = torch.cat(singles) if singles else torch.zeros(0, dtype=torch.float64)
+    return single, (torch.cat(finals) if finals else single)
 
 
 def _sha(data: bytes) -> str:

@@ -31,8 +31,9 @@ centroids was most of the build)."""
 EXACT_MAX_WORK = 5e10
 """Largest queries x keys x width for which ``auto`` searches exactly (about 10 s on this shared CPU)."""
 DEFAULT_MEMORY_BUDGET = 2 << 30
-DEFAULT_RECALL = 0.95
-"""recall@k against exact search that ``choose_settings`` asks of nprobe and refine."""
+DEFAULT_RECALL = 0.99
+"""recall@k against exact search that ``choose_settings`` asks of nprobe and refine. On the Gutenberg store
+(1M keys, IVF, k 256) recall 0.976 kept 96.6% of the exact gain: 0.95 is not enough for "within 0.5%"."""
 NPROBES = (4, 8, 16, 32, 64, 128)
 REFINES = (1, 2, 4, 8, 16)
 HNSW_QUANTIZER_MIN_LISTS = 2048
@@ -320,7 +321,7 @@ def search_resumable(search: KeySearch, xq: np.ndarray, k: int, folder: Path, id
     """``search.search(xq, k)`` written to ``folder`` (``D.f32``, ``I.i64`` memory maps) ``batch_size`` queries at
     a time, the count done recorded every ``CHECKPOINT_SECONDS``: a killed search resumes from its last record
     while ``identity`` (what the results depend on) is unchanged. Returns D, I (in memory) and whether every
-    batch was reused."""
+    batch was reused. D and I stay memory-mapped (read-only use: the caller reads them a block at a time)."""
     n, k = len(xq), int(min(k, search.store.num_keys))
     manifest_path = folder / "manifest.json"
     manifest = None
@@ -355,4 +356,4 @@ def search_resumable(search: KeySearch, xq: np.ndarray, k: int, folder: Path, id
             manifest.update(done=done, seconds=round(base + time.perf_counter() - t0, 3))
             atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
             last = time.perf_counter()
-    return np.array(D), np.array(I), start >= n
+    return D, I, start >= n
