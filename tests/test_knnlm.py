@@ -23,6 +23,7 @@ from knnformer.eval.knnlm import (
     tune,
 )
 from knnformer.eval.scoring import score_tokens
+from knnformer.io import file_sha256
 from knnformer.run.record import load_run, open_run_datastore
 from knnformer.runtime import torch_threads
 from knnformer.train.trainer import train
@@ -135,6 +136,9 @@ def test_tuning_never_looks_at_the_scored_tokens(tiny_run, tmp_path):
     end = lo + len(store.split_tokens("valid"))
     tokens[lo + half : end] = np.random.default_rng(0).permutation(np.asarray(tokens[lo + half : end]))
     tokens.flush()
+    manifest = json.loads((changed / "manifest.json").read_text())  # a datastore of its own: its tokens' sha256
+    manifest["tokens_sha256"] = file_sha256(changed / "tokens.bin")
+    (changed / "manifest.json").write_text(json.dumps(manifest))
     again = knn(run_dir, "valid", datastore=str(changed), k_max=16)
     assert again["store"]["reused"]  # same train split: same keys
     for key in ("lambda", "k", "temperature"):

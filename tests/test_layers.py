@@ -23,7 +23,8 @@ BELOW = {  # layer -> the layers it may import (its own folder always)
     "eval": {"base", "data", "retrieval", "model", "run"},
     "serve": {"base", "data", "retrieval", "model", "run"},
     "experiments": {"base", "data", "retrieval", "model", "run", "train", "eval", "serve"},
-    "cli": {"base", "data", "retrieval", "model", "run", "train", "eval", "serve", "experiments"},
+    "export": {"base", "data", "retrieval", "model", "run", "train"},  # Hugging Face folders from runs, and back
+    "cli": {"base", "data", "retrieval", "model", "run", "train", "eval", "serve", "experiments", "export"},
 }
 DISTRIBUTED_HOME = "knnformer.train.parallel"
 

@@ -7,9 +7,13 @@ import argparse
 
 from tqdm import tqdm
 
+from knnformer.cli.values import check_evaluate_args
+
 
 def cmd_evaluate(args) -> int:
     from knnformer.eval.evaluate import evaluate_run, format_table, to_json
+
+    check_evaluate_args(args)  # --stride 0, --batch-size 0: refused, not silently replaced
 
     bars = []
 

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from knnformer.cli.values import check_generate_args
 from knnformer.run.record import run_retrieval
 
 
@@ -39,6 +40,7 @@ def cmd_generate(args) -> int:
     from knnformer.run.record import load_run, open_run_datastore
     from knnformer.serve.generate import RetrievingGenerator, sample_ids, stream_text
 
+    check_generate_args(args)  # --max-new-tokens 0, --top-p 1.5: refused before the model is loaded
     model, record, _ = load_run(args.run)
     store = open_run_datastore(record, args.datastore)
     tokenizer = store.tokenizer

@@ -58,8 +58,13 @@ def format_summary(path: str, section: dict, seconds: float) -> str:
 
 
 def cmd_index(args) -> int:
+    from knnformer.data.datastore import Datastore
+    from knnformer.io import claim_folder, recover_swapped_folder
     from knnformer.retrieval.build import index_datastore
 
+    recover_swapped_folder(args.datastore)  # a prepare --force killed mid-swap left the old datastore aside
+    Datastore.open(args.datastore)  # a one-line error for what is not a datastore, before any lock file is made
+    _claim = claim_folder(args.datastore, "index")  # one writer per folder; released when this returns
     t0 = time.perf_counter()
     bars = _Bars(getattr(args, "quiet", False))
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from knnformer.cli.common import say, write_events
+from knnformer.io import claim_folder
 
 
 def cmd_lra(args) -> int:
@@ -19,6 +20,7 @@ def cmd_lra(args) -> int:
         overrides.append(f"model.attention={args.attention}")
     config = lra_config(args.preset, overrides)
     out = Path(args.out)
+    _claim = claim_folder(out, "lra")  # one writer per folder; released when this returns
     out.mkdir(parents=True, exist_ok=True)
     if not args.quiet:
         d = config.data

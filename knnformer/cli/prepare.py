@@ -31,11 +31,14 @@ def split_documents(docs: list, args) -> list:
 
 def cmd_prepare(args) -> int:
     from knnformer.data.corpus import list_files, read_documents
-    from knnformer.data.datastore import Datastore, build_tokenizer, write_datastore
+    from knnformer.data.datastore import Datastore, build_tokenizer, check_replaceable, write_datastore
+    from knnformer.io import claim_folder
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ValueError(f"{out} already exists; pass --force to replace it")
+    check_replaceable(out, args.force)
+    _claim = claim_folder(out, "prepare")  # one writer per folder; released when this returns
     t0 = time.perf_counter()
     total = sum(p.stat().st_size for p, _ in list_files(args.corpus, args.glob))
     with tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=args.quiet) as bar:

@@ -30,6 +30,8 @@ def resolve_train_config(args, store, run_dir: Path):
             say("--config is ignored with --resume: the run's saved config is used (change it with --set)")
         return config_from_dict(values)
     config = load_config(args.config, args.set or [])
+    if args.init_from:
+        config.model = init_model_config(args, store)
     vocab = store.tokenizer.vocab_size
     if config.model.vocab_size == 0:
         config.model.vocab_size = vocab
@@ -39,11 +41,29 @@ def resolve_train_config(args, store, run_dir: Path):
     return config
 
 
-def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool = False) -> object:
+def init_model_config(args, store):
+    """``--init-from RUN``: the model section of RUN's record (with any ``--set model.*``), refused if RUN's
+    tokenizer is not the datastore's."""
+    from knnformer.config import apply_overrides, config_from_dict
+    from knnformer.run.checkpoint import latest_checkpoint, load_checkpoint
+
+    if args.resume:
+        raise ValueError("--init-from starts a new run; drop --resume")
+    record = load_checkpoint(latest_checkpoint(args.init_from))["config"]
+    if record["datastore"].get("tokenizer_fingerprint") != store.manifest["tokenizer"]["fingerprint"]:
+        raise ValueError(f"{store.path} was built with another tokenizer than the run {args.init_from}")
+    model_sets = [s for s in args.set or [] if s.strip().startswith("model.")]
+    return config_from_dict(apply_overrides({"model": record["config"]["model"]}, model_sets)).model
+
+
+def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool = False,
+                        init_from: str | None = None) -> object:
     """Train (or resume) the run behind a progress bar: loss, median tokens/s and MoE statistics in its postfix,
     evaluations and events above it. Raises ``Interrupted`` when training was stopped on request."""
+    from knnformer.io import claim_folder
     from knnformer.train.trainer import train
 
+    _claim = claim_folder(run_dir, "train")  # one writer per folder; released when this returns
     cfg = config.train
     start = 0
     if resume:
@@ -67,7 +87,7 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
         bar.update(1)
 
     try:
-        result = train(run_dir, store, config, resume=resume, on_step=on_step)
+        result = train(run_dir, store, config, resume=resume, on_step=on_step, init_from=init_from)
     finally:
         bar.close()
     if result.interrupted:
@@ -77,17 +97,29 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
     return result
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """``--out`` must be a run folder: not a file, not a datastore (run files would be written into it)."""
+    from knnformer.data.datastore import is_datastore
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file, not a folder; pick another --out")
+    if is_datastore(run_dir):
+        raise ValueError(f"--out {run_dir} is a datastore (it has a datastore manifest.json); the run needs a folder "
+                         "of its own: pick another --out")
+
+
 def cmd_train(args) -> int:
     from knnformer.data.datastore import Datastore
 
     store = Datastore.open(args.datastore)
     run_dir = Path(args.out)
+    check_run_folder(run_dir)
     config = resolve_train_config(args, store, run_dir)
     if not args.quiet:
         say(f"training {config.model.num_layers} layers x {config.model.dim} wide, context {config.model.context}, "
             f"{config.train.steps} steps of {config.train.batch_size * config.train.grad_accum} sequences "
             f"-> {run_dir}")
-    result = train_with_progress(run_dir, store, config, args.resume, args.quiet)
+    result = train_with_progress(run_dir, store, config, args.resume, args.quiet, args.init_from)
     print(f"trained to step {result.step}: train loss {result.last_loss:.4f}"
           + (f", valid loss {result.valid['valid_loss']:.4f} ({result.valid['valid_bpb']:.4f} bits/byte)"
              if result.valid else ""))
@@ -101,5 +133,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--config", default=None, help="preset name (tiny, shakespeare-char, small) or YAML path")
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    s.add_argument("--init-from", metavar="RUN", default=None,
+                   help="start a new run from RUN's decoder (its model section and weights; retrieval layers, if "
+                        "enabled, start fresh): a run trained here or one made by `knnformer import-hf`")
     s.set_defaults(func=cmd_train)
     return s

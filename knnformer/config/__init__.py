@@ -33,7 +33,8 @@ from knnformer.config.retrieval import (
 __all__ = ["Config", "ModelConfig", "TrainConfig", "MoEConfig", "PerformerConfig", "RetrievalConfig",
            "RetrieverConfig", "RefreshConfig", "SearchConfig", "Derived", "Schedule", "FLAT_RETRIEVAL_KEYS",
            "DERIVED_RETRIEVAL_KEYS", "migrate_retrieval", "parse_schedule", "resolved_lag", "retrieval_config",
-           "config_from_dict", "load_config", "apply_overrides", "merge_config", "parse_override", "resolve_preset"]
+           "config_from_dict", "load_config", "apply_overrides", "merge_config", "parse_override", "resolve_preset",
+           "parse_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +217,16 @@ class TrainConfig:
     """Append a metrics line every this many steps."""
     threads: int = 0
     """Torch intra-op threads; 0 leaves torch's default."""
+    optimizer: str = "adamw"
+    """``adamw``; ``muon``, ``soap`` or ``shampoo`` for the hidden weight matrices (AdamW for the rest, same ``lr``);
+    or ``opt-list:N``, entry N of the learned NAdamW list, which brings its own rate, schedule and decays
+    (train/optim.py, train/opt_list.py)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files of every step's metrics into ``RUN/tensorboard/`` (needs the
+    ``tensorboard`` package)."""
 
     def validate(self) -> None:
+        parse_optimizer(self.optimizer)
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_interval", "keep_checkpoints", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -225,6 +234,20 @@ class TrainConfig:
             raise ValueError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr (got {self.lr}, {self.min_lr})")
         if self.warmup_steps < 0 or self.eval_interval < 0 or self.decay_steps < 0:
             raise ValueError("train.warmup_steps, train.eval_interval and train.decay_steps must be >= 0")
+
+
+OPTIMIZERS = ("adamw", "muon", "soap", "shampoo")
+
+
+def parse_optimizer(name: str) -> tuple[str, int | None]:
+    """``train.optimizer`` as (kind, entry): ("adamw", None) ... or ("opt-list", N) for ``opt-list:N``."""
+    if name in OPTIMIZERS:
+        return name, None
+    kind, _, index = name.partition(":")
+    if kind == "opt-list" and index.isdigit():
+        return kind, int(index)
+    raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)} or opt-list:N (N = 0, 1, ...); "
+                     f"got {name!r}")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 from knnformer import __version__
 from knnformer.data.corpus import SPLITS, Document
 from knnformer.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
-from knnformer.io import writing_folder
+from knnformer.io import checked_sha256, file_sha256, writing_folder
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +91,13 @@ def write_datastore(out: str | Path, docs: list[Document], tokenizer: Tokenizer,
     out = Path(out)
     if out.exists() and not overwrite:
         raise ValueError(f"{out} already exists; pass --force to replace it")
+    check_replaceable(out, overwrite)
     order = sorted(range(len(docs)), key=lambda i: SPLITS.index(docs[i].split))
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     with writing_folder(out) as tmp:
         rows = _write_tokens(tmp / "tokens.bin", docs, order, tokenizer, dtype, progress)
         num_tokens = int(rows["length"].sum())
+        tokens_sha256 = file_sha256(tmp / "tokens.bin")
         np.save(tmp / "docs.npy", rows)
         (tmp / "docs.json").write_text(json.dumps([docs[i].doc_id for i in order], ensure_ascii=False))
         (tmp / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
@@ -107,12 +109,59 @@ def write_datastore(out: str | Path, docs: list[Document], tokenizer: Tokenizer,
                           "fingerprint": tokenizer.fingerprint()},
             "token_dtype": np.dtype(dtype).name,
             "num_tokens": num_tokens,
+            "tokens_sha256": tokens_sha256,
             "splits": _split_ranges(rows, num_tokens),
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
+
+
+MANIFEST_KEYS = {"tokenizer": ("kind", "vocab_size", "fingerprint"), "token_dtype": (), "num_tokens": (),
+                 "splits": SPLITS}
+SPLIT_KEYS = ("documents", "tokens", "bytes", "start", "end")
+
+
+def _check_manifest_keys(path: Path, manifest: dict) -> None:
+    """Refuse a manifest with a key every reader needs missing, naming the key (not a KeyError later)."""
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    missing += [f"{key}.{sub}" for key, subs in MANIFEST_KEYS.items() if isinstance(manifest.get(key), dict)
+                for sub in subs if sub not in manifest[key]]
+    if not missing and isinstance(manifest.get("splits"), dict):
+        missing += [f"splits.{name}.{k}" for name in SPLITS if isinstance(manifest["splits"].get(name), dict)
+                    for k in SPLIT_KEYS if k not in manifest["splits"][name]]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing[:4])}; rebuild with `knnformer prepare --force`")
+
+
+def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int, block: int = 1 << 24) -> None:
+    """Refuse token ids at or above the vocabulary size (the model's embedding would fail on them)."""
+    for lo in range(0, len(tokens), block):
+        top = int(np.max(tokens[lo : lo + block]))
+        if top >= vocab_size:
+            raise ValueError(f"{path}/tokens.bin holds token id {top}, at or above the tokenizer's vocabulary of "
+                             f"{vocab_size}; rebuild with `knnformer prepare --force`")
+
+
+def is_datastore(path: str | Path) -> bool:
+    """Whether ``path`` is a datastore folder: it holds a ``manifest.json`` with the datastore's format version."""
+    try:
+        return "format_version" in json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_replaceable(out: Path, force: bool) -> None:
+    """``prepare --force`` replaces a datastore and nothing else: refuse a file, or a folder that is not a
+    datastore (a run folder, a corpus, a home directory), since replacing it would delete what it holds."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; pick another --out")
+    if force and not is_datastore(out) and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not a datastore (no datastore manifest.json) and --force would delete "
+                         "what it holds; pick another --out, or empty it yourself")
 
 
 def _write_tokens(path: Path, docs: list[Document], order: list[int], tokenizer: Tokenizer, dtype,
@@ -163,7 +212,14 @@ class Datastore:
 
     @classmethod
     def open(cls, path: str | Path) -> "Datastore":
-        path = Path(path)
+        try:
+            return cls._open(Path(path))
+        except (KeyError, TypeError) as e:  # a manifest with keys missing or of the wrong type
+            raise ValueError(f"{Path(path) / 'manifest.json'} is missing or has a malformed entry {e}; rebuild "
+                             "with `knnformer prepare --force`") from None
+
+    @classmethod
+    def _open(cls, path: Path) -> Datastore:
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise ValueError(f"{path} is not a datastore (no manifest.json); build one with `knnformer prepare`")
@@ -175,6 +231,7 @@ class Datastore:
             raise ValueError(f"{path} was built by datastore format {manifest.get('format_version')} "
                              f"(knnformer {manifest.get('versions', {}).get('knnformer')}); this knnformer reads "
                              f"format {FORMAT_VERSION}: rebuild it with `knnformer prepare --force`")
+        _check_manifest_keys(manifest_path, manifest)
         tokenizer = load_tokenizer(path / "tokenizer.json")
         if tokenizer.fingerprint() != manifest["tokenizer"]["fingerprint"]:
             raise ValueError(f"{path}/tokenizer.json does not match the manifest's tokenizer; "
@@ -192,6 +249,9 @@ class Datastore:
             raise ValueError(f"{path} is incomplete or corrupt ({e}); rebuild with `knnformer prepare --force`") from None
         if len(tokens) != manifest["num_tokens"] or len(docs) != len(doc_ids):
             raise ValueError(f"{path}/tokens.bin is truncated; rebuild with `knnformer prepare --force`")
+        if "tokens_sha256" in manifest:  # read once per change of the file, then remembered (io.checked_sha256)
+            checked_sha256(path / "tokens.bin", manifest["tokens_sha256"], "`knnformer prepare --force`",
+                           also=lambda: check_token_ids(path, tokens, tokenizer.vocab_size))
         return cls(path, manifest, tokenizer, tokens, docs, doc_ids)
 
     def split_range(self, split: str) -> tuple[int, int]:

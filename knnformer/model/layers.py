@@ -61,18 +61,39 @@ def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """
     half = cos.shape[-1] // 2
     sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # (T, Dh)
-    cos3 = torch.stack([cos, cos, torch.ones_like(cos)], dim=1)[:, :, None]  # (T, 3, 1, Dh)
-    sin3 = torch.stack([sin_signed, sin_signed, torch.zeros_like(sin)], dim=1)[:, :, None]
+    # (T, 3, 1, Dh), or (B, T, 3, 1, Dh) for per-row tables (B, T, Dh) (a batch of rows at different positions)
+    cos3 = torch.stack([cos, cos, torch.ones_like(cos)], dim=-2)[..., None, :]
+    sin3 = torch.stack([sin_signed, sin_signed, torch.zeros_like(sin)], dim=-2)[..., None, :]
     return qkv * cos3 + torch.roll(qkv, half, dims=-1) * sin3
 
 
 @dataclass
 class KVCache:
-    """Keys and values of the tokens seen so far, one (B, H, context, Dh) pair per layer."""
+    """Keys and values of the tokens seen so far, one (B, H, context, Dh) pair per layer.
+
+    ``length`` is the tokens seen by every row (an int), or a (B,) tensor of each row's own count for a batch of
+    rows at different positions (continuous batching), which steps one token at a time. ``retrieval``: a retrieval
+    model's per-slot state (``retro.RetrievalCache``), or None."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    length: int = 0
+    length: int | torch.Tensor = 0
+    retrieval: object = None
+
+    def rows(self, index: slice) -> KVCache:
+        """A view of rows ``index`` (a slice): writes through it land in this cache."""
+        length = self.length[index] if isinstance(self.length, torch.Tensor) else self.length
+        return KVCache([k[index] for k in self.keys], [v[index] for v in self.values], length,
+                       None if self.retrieval is None else self.retrieval.rows(index))
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row ``src``'s keys, values, length and retrieval state copied onto row ``dst``."""
+        for t in (*self.keys, *self.values):
+            t[dst] = t[src]
+        if isinstance(self.length, torch.Tensor):
+            self.length[dst] = self.length[src]
+        if self.retrieval is not None:
+            self.retrieval.copy_row(src, dst)
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, device, dtype) -> "KVCache":
@@ -130,6 +151,15 @@ class SelfAttention(nn.Module):
                 cache.states[layer] = state
         elif cache is None:
             y = attend(q, k, v, self.dropout if self.training else 0.0, self.causal, key_mask)
+        elif isinstance(cache.length, torch.Tensor):  # rows at their own positions, one token each
+            pos = cache.length  # (B,)
+            rows = torch.arange(B, device=x.device)
+            cache.keys[layer][rows, :, pos] = k[:, :, 0]
+            cache.values[layer][rows, :, pos] = v[:, :, 0]
+            L = int(pos.max()) + 1
+            visible = torch.arange(L, device=x.device)[None, :] <= pos[:, None]  # (B, L)
+            y = F.scaled_dot_product_attention(q, cache.keys[layer][:, :, :L], cache.values[layer][:, :, :L],
+                                               attn_mask=visible[:, None, None, :])
         else:
             start = cache.length
             cache.keys[layer][:, :, start : start + T] = k

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from knnformer.config import ModelConfig, RetrievalConfig
-from knnformer.model.layers import Block, KVCache, RMSNorm, init_weights, rotary_tables
+from knnformer.model.layers import Block, KVCache, RMSNorm, empty_cache, init_weights, rotary_tables
 from knnformer.model.moe import MoE
 from knnformer.model.performer import PerformerCache
 
@@ -58,27 +58,66 @@ class Transformer(nn.Module):
         and their ``neighbour_mask`` (B, S, K, R), the retrieval layers read them (see retro.py); without, the
         model is exactly the plain decoder."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.context:
-            raise ValueError(f"sequence of {start + T} tokens is longer than the model's context {self.config.context}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        per_row = cache is not None and isinstance(cache.length, torch.Tensor)  # rows at their own positions
+        if per_row:
+            if T != 1:
+                raise ValueError("a cache whose rows sit at different positions steps one token at a time")
+            pos = cache.length[:, None]  # (B, 1)
+            end = int(cache.length.max()) + 1 if B else 0
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B, 1, Dh)
+        else:
+            start = cache.length if cache is not None else 0
+            end = start + T
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+            pos = torch.arange(start, end, device=idx.device).expand(B, T)
+        if end > self.config.context:
+            raise ValueError(f"sequence of {end} tokens is longer than the model's context {self.config.context}")
         x = self.embed(idx)  # (B, T, D)
         retrieve = neighbours is not None and self.retrieval is not None
+        cached = getattr(cache, "retrieval", None) if self.retrieval is not None else None  # a RetrievalCache
         if retrieve and cache is not None:
-            raise ValueError("retrieval runs without a KV cache")
+            if cached is None:
+                raise ValueError("retrieval with a KV cache needs the cache from Transformer.generation_cache")
+            for b in range(B):  # neighbours (B, S, K, R) fill slots 0 .. S - 1 of the cache's window
+                for s in range(neighbours.shape[1]):
+                    vectors = None if retrieval_vectors is None else (retrieval_vectors[0][b, s],
+                                                                      retrieval_vectors[1][b, s])
+                    cached.put(b, s, neighbours[b, s], neighbour_mask[b, s], vectors)
+            retrieve = False
         encoded = relevance = None
         if retrieve and self.retrieval.retriever is not None:  # a learned retriever scores the neighbours
             relevance = self.retrieval.retriever.relevance(self, idx, neighbours, neighbour_mask,
                                                            retrieval_vectors)  # (B, S, K)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
-            if retrieve and i in self.retrieval.layers:
+            if cached is not None and i in self.retrieval.layers:  # generation: slots encoded once, kept
+                if i == self.retrieval.layers[0]:
+                    self.retrieval.prepare_slots(self, cached, idx, x, pos)
+                x = self.retrieval.cross_attend_cached(i, x, cached, pos)
+            elif retrieve and i in self.retrieval.layers:
                 if encoded is None:
                     encoded = self.retrieval.encode(self.embed(neighbours), neighbour_mask, x)
                 x = self.retrieval.cross_attend(i, x, encoded, neighbour_mask, relevance)
         if cache is not None:
             cache.length += T
         return self.norm(x)
+
+    def generation_cache(self, batch: int, num_neighbours: int = 0, neighbour_tokens: int = 0,
+                         vector_dim: int = 0) -> KVCache | PerformerCache:
+        """An empty generation cache for ``batch`` rows; for a retrieval model given ``num_neighbours`` (K) of
+        ``neighbour_tokens`` (R) tokens each, with a ``RetrievalCache`` beside it (``vector_dim``: the frozen
+        embedder's width, for a learned retriever that reads it), so generation retrieves without recomputing
+        the past."""
+        p = next(self.parameters())
+        cache = empty_cache(self.config, batch, p.device, p.dtype)
+        if self.retrieval is not None and num_neighbours > 0:
+            from knnformer.model.retro import RetrievalCache
+
+            if not isinstance(cache, KVCache):
+                raise ValueError("generation with retrieval keeps a KV cache: it needs model.attention=softmax")
+            cache.retrieval = RetrievalCache(self.retrieval, self.config, batch, num_neighbours, neighbour_tokens,
+                                             p.device, p.dtype, vector_dim)
+        return cache
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | PerformerCache | None = None,

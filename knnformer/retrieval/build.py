@@ -10,6 +10,7 @@ It is the top of ``retrieval``: it uses embedders, index, search and hops, and n
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import numpy as np
 
 from knnformer.data.chunks import DEFAULT_CHUNK_SIZE, ChunkLayout, chunk_layout, chunk_texts, update_retrieval_manifest
 from knnformer.data.datastore import Datastore
-from knnformer.io import path_size
+from knnformer.io import file_sha256, path_size, tmp_path
 from knnformer.retrieval.embedders import chunks_to_embeddings, make_embedder
 from knnformer.retrieval.hops import HOP2_FILE, HOP2_SCORES_FILE, second_hop, second_hop_texts
 from knnformer.retrieval.index import (
@@ -77,10 +78,13 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
         hop2 = second_hop(layout, found.ids, found.scores, search_hop2, k, exclude_window, not single, exact_hop2)
         hop2_s = time.perf_counter() - t2
 
-    # all computed: now replace the files and the manifest entries, the entries last
+    # all computed: write the new files under temporary names (a kill here keeps the previous index whole), then
+    # drop the old manifest entries, rename the files into place and write the new entries last
     index_file = BM25_INDEX_DIR if emb.sparse else DENSE_INDEX_FILE
+    staged = _stage_files(store.path, emb.sparse, found, hop2)
+    sums = {name: file_sha256(tmp) for name, tmp in staged.items() if name != index_file}
     update_retrieval_manifest(store.path, drop=("index", "neighbours", "neighbours_hop2"))
-    _write_files(store.path, emb.sparse, found, hop2)
+    _swap_in(store.path, emb.sparse, staged)
     common = {"embedder": emb.name, "embedder_fingerprint": emb.fingerprint(),
               "tokenizer_fingerprint": store.manifest["tokenizer"]["fingerprint"], "chunk_size": chunk_size}
     return update_retrieval_manifest(store.path, {
@@ -91,10 +95,12 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
                   "bytes_per_chunk": round(path_size(store.path / index_file) / layout.num_train, 1),
                   "memory_budget": memory_budget},
         "neighbours": {**common, "file": NEIGHBOURS_FILE, "scores_file": SCORES_FILE, "k": k,
+                       "sha256": sums[NEIGHBOURS_FILE],
                        "num_chunks": layout.num_chunks, "index_kind": found.kind, "exclude_window": exclude_window,
                        "exclude_same_document": not single, "num_short_rows": found.num_short,
                        "seconds": round(found.neighbours_seconds, 3), "hops": 1},
         **({"neighbours_hop2": {"file": HOP2_FILE, "scores_file": HOP2_SCORES_FILE, "hops": 2,
+                                "sha256": sums[HOP2_FILE],
                                 "merge": "first hop's top neighbour, then the second hop's results",
                                 "num_short_rows": hop2[2], "seconds": round(hop2_s, 3)}} if hop2 else {}),
     })
@@ -167,16 +173,33 @@ def _dense_neighbours(store: Datastore, layout: ChunkLayout, emb, index: str, k:
     return dense, search_hop2, exact_hop2
 
 
-def _write_files(folder: Path, sparse: bool, found: DenseNeighbours,
-                 hop2: tuple[np.ndarray, np.ndarray, int] | None) -> None:
-    """Put the index and the neighbour arrays in place in ``folder``, each atomically, and remove the index of
-    the other kind (a bm25 folder after a dense build, or the reverse)."""
-    found.index.save(folder / (BM25_INDEX_DIR if sparse else DENSE_INDEX_FILE))
-    _save_npy(folder / NEIGHBOURS_FILE, found.ids)
-    _save_npy(folder / SCORES_FILE, found.scores)
+def _stage_files(folder: Path, sparse: bool, found: DenseNeighbours,
+                 hop2: tuple[np.ndarray, np.ndarray, int] | None) -> dict[str, Path]:
+    """Write the index and the neighbour arrays beside their final names in ``folder`` as temporaries
+    (``.NAME.tmp-PID``, which the next writer removes if this process dies); returns ``{final name: temporary}``."""
+    arrays = {NEIGHBOURS_FILE: found.ids, SCORES_FILE: found.scores}
     if hop2 is not None:
-        _save_npy(folder / HOP2_FILE, hop2[0])
-        _save_npy(folder / HOP2_SCORES_FILE, hop2[1])
+        arrays.update({HOP2_FILE: hop2[0], HOP2_SCORES_FILE: hop2[1]})
+    index_file = BM25_INDEX_DIR if sparse else DENSE_INDEX_FILE
+    staged = {name: tmp_path(folder / name) for name in (index_file, *arrays)}
+    found.index.save(staged[index_file])
+    for name, array in arrays.items():
+        _save_npy(staged[name], array)
+    return staged
+
+
+def _swap_in(folder: Path, sparse: bool, staged: dict[str, Path]) -> None:
+    """Rename the staged files into place (renames only: the window a kill could hit is a few system calls)
+    and remove the index of the other kind (a bm25 folder after a dense build, or the reverse)."""
+    for name, tmp in staged.items():
+        final = folder / name
+        if tmp.is_dir() and final.is_dir():
+            old = folder / f".{name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
     other = folder / (DENSE_INDEX_FILE if sparse else BM25_INDEX_DIR)
     if other.is_dir():
         shutil.rmtree(other)

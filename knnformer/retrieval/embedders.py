@@ -271,6 +271,12 @@ def embeddings_entry(store: Datastore, layout: ChunkLayout, embedder) -> dict:
 
 def open_embeddings(store_path: str | Path, entry: dict) -> np.memmap:
     """The stored embeddings as a read-only (count, dim) float16 memory map."""
+    path = Path(store_path) / entry["file"]
+    want = 2 * entry["count"] * entry["dim"]
+    have = path.stat().st_size if path.is_file() else -1
+    if have != want:
+        raise ValueError(f"{path} is truncated or missing ({have} bytes, expected {want}); rebuild with "
+                         f"`knnformer index {store_path} --force`")
     return np.memmap(Path(store_path) / entry["file"], dtype=np.float16, mode="r", shape=(entry["count"], entry["dim"]))
 
 

@@ -32,7 +32,12 @@ def open_index(store: Datastore) -> DenseIndex | BM25Index:
         raise ValueError(f"{store.path} has no index; build it with `knnformer index {store.path}`")
     if info["kind"] == "bm25":
         return BM25Index.load(store.path / info["file"])
-    return DenseIndex.load(store.path / info["file"], info["kind"])
+    index = DenseIndex.load(store.path / info["file"], info["kind"])
+    if index.index.ntotal != info["num_vectors"]:  # an index of another datastore, or of another build
+        raise ValueError(f"{store.path / info['file']} holds {index.index.ntotal} vectors, not the "
+                         f"{info['num_vectors']} train chunks the manifest names; rebuild with "
+                         f"`knnformer index {store.path} --force`")
+    return index
 
 
 @dataclass

@@ -29,7 +29,7 @@ import numpy as np
 
 from knnformer.data.chunks import ChunkLayout, chunk_layout, read_retrieval_manifest
 from knnformer.data.datastore import Datastore
-from knnformer.io import writing_file
+from knnformer.io import checked_sha256, writing_file
 from knnformer.retrieval.embedders import open_embeddings
 
 logger = logging.getLogger(__name__)
@@ -190,6 +190,16 @@ def neighbour_tokens(store: Datastore, layout: ChunkLayout, nid: np.ndarray, pad
     return np.where(mask, tokens, pad_id), mask
 
 
+def check_neighbour_ids(path: Path, ids: np.ndarray, num_train: int, block: int = 1 << 22) -> None:
+    """Refuse neighbour ids that are not train chunks (-1 marks a missing neighbour)."""
+    flat = ids.reshape(-1)
+    for lo in range(0, len(flat), block):
+        part = flat[lo : lo + block]
+        if len(part) and (int(part.min()) < -1 or int(part.max()) >= num_train):
+            raise ValueError(f"{path} holds neighbour ids outside the {num_train} train chunks "
+                             f"({int(part.min())}..{int(part.max())}); rebuild with `knnformer index --force`")
+
+
 def load_neighbours(datastore: str | Path | Datastore, expected_embedder: str | None = None,
                     chunk_size: int | None = None, context: int | None = None, hops: int = 1) -> Neighbours:
     """Open a datastore's precomputed neighbours (those after the second hop for ``hops=2``), refusing them
@@ -228,6 +238,9 @@ def load_neighbours(datastore: str | Path | Datastore, expected_embedder: str | 
     if ids.shape != (layout.num_chunks, info["k"]) or scores.shape != ids.shape or info["num_chunks"] != layout.num_chunks:
         raise ValueError(f"{store.path}/{info['file']} does not match the datastore's {layout.num_chunks} chunks; "
                          f"rebuild with {fix} --force`")
+    if "sha256" in info:  # content, not only shape: read once per change of the file (io.checked_sha256)
+        checked_sha256(store.path / info["file"], info["sha256"], f"{fix} --force`",
+                       also=lambda: check_neighbour_ids(store.path / info["file"], ids, layout.num_train))
     emb = read_retrieval_manifest(store.path).get("embeddings")
     vectors = None
     if emb is not None and emb["fingerprint"] == info["embedder_fingerprint"] and emb["chunk_size"] == layout.chunk_size \

@@ -32,6 +32,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Transformer, dic
         raise ValueError(f"run folder {run_dir} does not exist")
     ckpt = load_checkpoint(latest_checkpoint(run_dir))
     record = ckpt["config"]
+    check_record_matches(run_dir, ckpt["path"], record)
     derived = Derived.of_record(record)
     config = config_from_dict(record["config"])
     # with every default and the current sections, for runs saved before a section existed
@@ -42,6 +43,29 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Transformer, dic
     except RuntimeError as e:
         raise ValueError(f"checkpoint {ckpt['path']} does not fit its own config ({str(e)[:200]})") from None
     return model.to(device).eval(), record, ckpt["path"]
+
+
+def check_record_matches(run_dir: Path, ckpt_path: Path, record: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose model settings or datastore differ from the run's ``config.json`` (a checkpoint
+    copied from another run, or an edited config): which of the two is meant cannot be guessed."""
+    import json
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+        ours, theirs = saved["config"].get("model", {}), record["config"].get("model", {})
+        store_ours = saved["datastore"]["tokenizer_fingerprint"]
+        store_theirs = record["datastore"]["tokenizer_fingerprint"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{path} is corrupt or not a run record; delete it only if the checkpoints are the run "
+                         "you mean") from None
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if differ or store_ours != store_theirs:
+        what = ", ".join(f"model.{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in differ[:3]) or "datastore"
+        raise ValueError(f"checkpoint {ckpt_path} was trained with other settings than {path} says ({what}); "
+                         "the run folder mixes two runs: keep the checkpoints with their own config.json")
 
 
 def run_config(record: dict[str, Any]) -> Config:
@@ -63,6 +87,9 @@ def run_retrieval(record: dict[str, Any]) -> RetrievalConfig:
 def open_run_datastore(record: dict[str, Any], override: str | None = None) -> Datastore:
     """The datastore a run was trained on (or ``override``), refused if its tokenizer differs from the run's."""
     path = override or record["datastore"]["path"]
+    if not path:  # a run made by `knnformer import-hf`
+        raise ValueError("this run names no datastore (imported from a Hugging Face folder); give --datastore, "
+                         "a datastore prepared with the run's tokenizer")
     datastore = Datastore.open(path)
     expected = record["datastore"]["tokenizer_fingerprint"]
     if datastore.manifest["tokenizer"]["fingerprint"] != expected:

@@ -119,10 +119,27 @@ def open_generation_retriever(model: Transformer, store, run_dir, record: dict, 
     return retriever, frozen
 
 
+def pick_token(last: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator) -> int:
+    """The next token from one row's logits (1, V): the argmax at temperature 0, else a filtered sample."""
+    if temperature == 0:
+        return int(last.argmax(-1))
+    return int(torch.multinomial(filter_logits(last, temperature, top_k, top_p), 1, generator=generator))
+
+
+def rebuilt_window_start(length: int, context: int, chunk_size: int) -> int:
+    """Where the window starts when a cache of ``context`` tokens is full at ``length`` tokens of text: on the
+    chunk grid, keeping about the last half of the context, so slots keep their meaning."""
+    return -(-(length - context // 2) // chunk_size) * chunk_size
+
+
 class RetrievingGenerator:
     """Sampling from a retrieval model: at each chunk boundary of the text (prompt included) the completed chunk
     is embedded and searched in the datastore's index, and its neighbours serve the tokens that follow (RETRO).
-    Without a KV cache: each step runs the window, which starts on the chunk grid (cheap at these context sizes).
+    With a KV cache (the default): the prompt's window is run once, each new token is one cached step, a slot's
+    neighbours are encoded once when its first position arrives (``model.retro.RetrievalCache``); when the cache
+    fills the context, it is rebuilt from the last half of the text, the window starting on the chunk grid.
+    Without (``cache=False``): each step runs the whole window, which starts on the chunk grid, as before.
     Every retrieval is kept with its latency, so the caller can show which neighbours served which chunk."""
 
     def __init__(self, model: Transformer, retriever, k: int, continuation: bool = True, feed_model: bool = True,
@@ -188,18 +205,104 @@ class RetrievingGenerator:
             inputs["retrieval_vectors"] = (query, gather_rows(self.frozen[1], neighbour_ids))
         return inputs
 
+    @property
+    def neighbour_tokens(self) -> int:
+        """R: tokens per neighbour the model reads (the chunk, and its continuation when trained so)."""
+        return 2 * self.C if self.continuation else self.C
+
+    @property
+    def feeds(self) -> bool:
+        """Whether the model reads the neighbours (else they are only searched, to show what served the text)."""
+        return self.feed_model and self.model.retrieval is not None
+
+    def new_cache(self, batch: int = 1):
+        """An empty generation cache for ``batch`` rows, with room for neighbours when the model reads them."""
+        if not self.feeds:
+            return self.model.generation_cache(batch)
+        vector_dim = 0 if self.frozen is None else self.frozen[1].shape[1]
+        return self.model.generation_cache(batch, self.k, self.neighbour_tokens, vector_dim)
+
+    def slot_tensors(self, chunk: int) -> tuple:
+        """The neighbours retrieved with sequence chunk ``chunk`` as one cache slot: tokens and mask (K, R), and
+        with ``frozen`` the (query vector, neighbour vectors)."""
+        from knnformer.run.batches import gather_rows
+
+        nb, R = self.retrieved[chunk], self.neighbour_tokens
+        tokens = torch.from_numpy(np.ascontiguousarray(nb.tokens[0, : self.k, :R]))
+        mask = torch.from_numpy(np.ascontiguousarray(nb.mask[0, : self.k, :R]))
+        vectors = None
+        if self.frozen is not None:
+            neighbours = torch.as_tensor(gather_rows(self.frozen[1], nb.ids[:, None, : self.k]))[0, 0]
+            vectors = (torch.from_numpy(self.query_vectors[chunk]), neighbours.float())
+        return tokens, mask, vectors
+
+    def fill_slots(self, cache, row: int, length: int, w0: int) -> None:
+        """Register in ``cache`` (a RetrievalCache, or None) every retrieval that serves the window
+        ``ids[w0 : length]`` and is not there yet: slot s holds the neighbours of sequence chunk w0 / C + s - 1."""
+        if cache is None or not self.feeds:
+            return
+        for s in range((length - w0) // self.C + 1):
+            chunk = w0 // self.C + s - 1
+            if chunk >= 0 and chunk in self.retrieved and not bool(cache.have[row, s]):
+                cache.put(row, s, *self.slot_tensors(chunk))
+
+    def prefill(self, cache, ids: list[int], w0: int) -> torch.Tensor:
+        """Run the window ``ids[w0:]`` into an empty one-row ``cache`` (or a one-row view of a larger one) with
+        its neighbours registered; the logits (1, T, V)."""
+        for chunk in range(len(ids) // self.C):
+            self.retrieve(ids, chunk)
+        if cache.retrieval is not None:
+            cache.retrieval.clear(0)
+        self.fill_slots(cache.retrieval, 0, len(ids), w0)
+        logits, _ = self.model(torch.tensor([ids[w0:]], dtype=torch.long), cache=cache)
+        return logits
+
     def sample(self, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None, stop_id: int | None = None) -> Iterator[int]:
-        """Yield new token ids. faiss searches single-threaded meanwhile: one query gains nothing from threads,
-        and faiss's OpenMP pool spinning beside torch's made each step ~10x slower (measured)."""
+               top_p: float | None = None, seed: int | None = None, stop_id: int | None = None,
+               cache: bool = True) -> Iterator[int]:
+        """Yield new token ids, over a KV cache unless ``cache`` is False (each step then runs the whole window).
+        faiss searches single-threaded meanwhile: one query gains nothing from threads, and faiss's OpenMP pool
+        spinning beside torch's made each step ~10x slower (measured)."""
         import faiss
 
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
+        run = self._sample_cached if cache else self._sample
         try:
-            yield from self._sample(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id)
+            yield from run(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id)
         finally:
             faiss.omp_set_num_threads(threads)
+
+    @torch.no_grad()
+    def _sample_cached(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id) -> Iterator[int]:
+        T, C = self.model.config.context, self.C
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) > T:
+            raise ValueError(f"the prompt is {len(prompt)} tokens, longer than the model's context of {T}; shorten it")
+        self.model.eval()
+        generator = torch.Generator()
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        ids, w0 = list(prompt), 0
+        cache = self.new_cache()
+        logits = self.prefill(cache, ids, w0)
+        for _ in range(max_new_tokens):
+            next_id = pick_token(logits[:, -1], temperature, top_k, top_p, generator)
+            yield next_id
+            if stop_id is not None and next_id == stop_id:
+                return
+            ids.append(next_id)
+            if len(ids) % C == 0:
+                self.retrieve(ids, len(ids) // C - 1)
+            if len(ids) - w0 > T:  # the cache is full: rebuild it from the last half, on the chunk grid
+                w0 = rebuilt_window_start(len(ids), T, C)
+                cache = self.new_cache()
+                logits = self.prefill(cache, ids, w0)
+            else:
+                self.fill_slots(cache.retrieval, 0, len(ids), w0)
+                logits, _ = self.model(torch.tensor([[next_id]]), cache=cache)
+        for chunk in range(len(ids) // C):
+            self.retrieve(ids, chunk)
 
     @torch.no_grad()
     def _sample(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id) -> Iterator[int]:
@@ -221,11 +324,7 @@ class RetrievingGenerator:
             if self.feed_model and self.model.retrieval is not None:
                 inputs = self.slot_inputs(ids, w0, len(window))
             logits, _ = self.model(torch.tensor([window]), **inputs)
-            last = logits[:, -1]
-            if temperature == 0:
-                next_id = int(last.argmax(-1))
-            else:
-                next_id = int(torch.multinomial(filter_logits(last, temperature, top_k, top_p), 1, generator=generator))
+            next_id = pick_token(logits[:, -1], temperature, top_k, top_p, generator)
             yield next_id
             if stop_id is not None and next_id == stop_id:
                 return

@@ -31,17 +31,22 @@ from knnformer.run.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_optimizer,
+    load_weights,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from knnformer.run.plots import write_curves
 from knnformer.run.refreshes import changed_share, load_refresh, prune_refreshes, refresh_folder
 from knnformer.run.vectors import frozen_vectors
 from knnformer.runtime import autocast
+from knnformer.train.init import load_decoder
 from knnformer.train.inputs import estimate_loss, make_samplers, resolve_retrieval
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
 from knnformer.train.refresh import BackgroundRefresh, FinishedRefresh, refresh_due, refresh_neighbours
 from knnformer.train.stop import StopRequested
+from knnformer.train.tensorboard import TensorBoard
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+def _last_wall_s(path: Path) -> float:
+    """The ``wall_s`` of the last metrics line (0 if none), where a resumed run's clock goes on from."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return float(json.loads(lines[-1]).get("wall_s", 0.0)) if lines else 0.0
+
+
 @dataclass
 class StepStats:
     """What one optimizer step reports in its metrics line."""
@@ -105,6 +116,7 @@ class Trainer:
         self.pending = None  # a refresh started but not yet swapped in (refresh.BackgroundRefresh or FinishedRefresh)
         self.step, self.last_loss, self.valid = 0, float("nan"), {}
         self._t_last = time.perf_counter()  # end of the last timed step: what tokens_per_s is measured from
+        self.wall_before = 0.0  # seconds the run trained before this process (a resume): metrics' wall_s goes on
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -151,8 +163,8 @@ class Trainer:
         """Weights, optimizer, step and generators of the latest checkpoint, and the neighbours it trained with
         (and a refresh it left pending); metric lines it did not reach are dropped."""
         ckpt = load_checkpoint(latest_checkpoint(self.run_dir), with_optimizer=True)
-        self.model.load_state_dict(ckpt["weights"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_weights(self.model, ckpt)  # a model of another shape: a one-line error, not a traceback
+        load_optimizer(self.optimizer, ckpt)
         self.step = ckpt["state"]["step"]
         self.generator.set_state(ckpt["state"]["generator"])
         set_rng_state(ckpt["state"]["rng"])
@@ -166,6 +178,7 @@ class Trainer:
             self.pending = FinishedRefresh(self.run_dir / p["folder"], self.datastore, self.neighbours.layout,
                                            self.rcfg.search.hops, p["id"], p["step"], p["swap_step"])
         _truncate_metrics(self.metrics_path, self.step)
+        self.wall_before = _last_wall_s(self.metrics_path)
         logger.info("resumed from %s at step %d", ckpt["path"], self.step)
 
     def _write_record(self) -> None:
@@ -182,7 +195,7 @@ class Trainer:
         self.meter = StatsMeter(self.model)
         interrupted = False
         with StopRequested() as stop, open(self.metrics_path, "a") as metrics:
-            self._t_last = time.perf_counter()
+            self._t_last = self._t_start = time.perf_counter()
             while self.step < cfg.steps:
                 refreshed = self.refresh_before_step()
                 row = self.metrics_row(self.train_step(), refreshed)
@@ -235,7 +248,7 @@ class Trainer:
         now = time.perf_counter()
         tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.mcfg.context
         row = {"step": self.step, "loss": stats.loss, "lr": stats.lr,
-               "tokens_per_s": tokens_per_step / (now - self._t_last)}
+               "tokens_per_s": tokens_per_step / (now - self._t_last), "wall_s": self.wall_before + now - self._t_start}
         self._t_last = now
         if stats.grad_norm is not None:
             row["grad_norm"] = float(stats.grad_norm)
@@ -357,8 +370,20 @@ class Trainer:
 
 
 def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: bool = False,
-          on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu") -> TrainResult:
-    """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar."""
-    trainer = Trainer(run_dir, datastore, config, on_step, device)
+          on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu",
+          init_from: str | Path | None = None) -> TrainResult:
+    """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar.
+    ``init_from``: a run whose decoder weights a new run starts from (see init.py)."""
+    board = TensorBoard.open(run_dir, config.train.tensorboard)  # None unless train.tensorboard
+    trainer = Trainer(run_dir, datastore, config, board.hook(on_step) if board else on_step, device)
+    if init_from is not None and not resume:
+        load_decoder(trainer.model, init_from)
+        trainer.record["init_from"] = str(Path(init_from).resolve())
     trainer.start(resume)
-    return trainer.run()
+    try:
+        result = trainer.run()
+    finally:
+        if board:
+            board.close()
+    write_curves(run_dir)  # RUN/curves.png (a failure to draw is logged, never raised)
+    return result
