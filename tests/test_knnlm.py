@@ -209,7 +209,7 @@ def test_approximate_search_against_exact(tmp_path, kind):
     np.save(tmp_path / "values.npy", np.zeros(len(xb), dtype=np.int32))
     (tmp_path / "manifest.json").write_text(json.dumps({"num_keys": len(xb), "dim": 16}))
     store = KnnStore.open(tmp_path)
-    D, I = exact_l2(store.keys, xq, 10, block=3000)  # noqa: E741
+    D, I = exact_l2(store.keys, xq, 10, block=3000)
     brute = ((xq[:, None, :] - xb.astype(np.float32)[None]) ** 2).sum(-1)
     assert np.array_equal(I, np.argsort(brute, axis=1, kind="stable")[:, :10]) or \
         np.allclose(D, np.sort(brute, axis=1)[:, :10], rtol=1e-4)
@@ -334,7 +334,7 @@ def test_a_killed_search_resumes_with_the_batches_it_wrote(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         search_resumable(search, xq, 5, tmp_path / "s", {"what": 1}, killed, batch_size=100)
     resumed = []
-    D, I, reused = search_resumable(search, xq, 5, tmp_path / "s", {"what": 1}, resumed.append, batch_size=100)  # noqa: E741
+    D, I, reused = search_resumable(search, xq, 5, tmp_path / "s", {"what": 1}, resumed.append, batch_size=100)
     assert not reused and resumed[0] == 200 and sum(resumed) == 500  # two batches kept, three searched
     D0, I0 = search.search(xq, 5)
     assert np.array_equal(I, I0) and np.array_equal(D, D0)

@@ -20,14 +20,14 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from knnformer.eval.knnlm.search import KeySearch, choose_index_kind, choose_settings, open_key_search, \
-    search_resumable
+from knnformer.eval.knnlm.search import KeySearch, choose_index_kind, choose_settings, open_key_search, search_resumable
 from knnformer.eval.knnlm.store import KnnStore, Progress, ProgressFactory
 from knnformer.eval.knnlm.tune import interpolate, interpolate_by_distance, knn_logprobs
 from knnformer.io import atomic_write_text
@@ -49,7 +49,7 @@ class Queries:
     logp: np.ndarray
     y: np.ndarray
     D: np.ndarray | None = None
-    I: np.ndarray | None = None  # noqa: E741 - faiss's name
+    I: np.ndarray | None = None
     source: dict = field(default_factory=dict)
 
     def distances(self) -> np.ndarray:
@@ -60,7 +60,7 @@ class Queries:
         """True where a found key's value (``values``: the store's) is the query's target."""
         return (values[np.maximum(self.I, 0)] == self.y[:, None]) & (self.I >= 0)
 
-    def subset(self, rows: np.ndarray) -> "Queries":
+    def subset(self, rows: np.ndarray) -> Queries:
         return Queries(np.asarray(self.h[rows], dtype=np.float32), self.logp[rows], self.y[rows],
                        source={**self.source, "rows_sha256": _sha(rows.tobytes()), "rows": len(rows)})
 

@@ -96,7 +96,7 @@ def exact_l2(xb: np.ndarray, xq: np.ndarray, k: int, block: int = 262_144) -> tu
     heap = faiss.ResultHeap(len(xq), k, keep_max=False)
     for b in range(0, len(xb), block):
         with faiss_threads(len(xq) * min(block, len(xb)) * xq.shape[1]):
-            D, I = faiss.knn(xq, as_f32(xb[b : b + block]), k, metric=faiss.METRIC_L2)  # noqa: E741
+            D, I = faiss.knn(xq, as_f32(xb[b : b + block]), k, metric=faiss.METRIC_L2)
         heap.add_result(D, np.where(I >= 0, I + b, -1))
     heap.finalize()
     return heap.D, heap.I
@@ -152,7 +152,7 @@ class KeySearch:
                progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
         k = int(min(k, self.store.num_keys))
         D = np.empty((len(xq), k), dtype=np.float32)
-        I = np.empty((len(xq), k), dtype=np.int64)  # noqa: E741 - faiss's name
+        I = np.empty((len(xq), k), dtype=np.int64)
         kk = min(self.store.num_keys, self.refine * k)
         if self.kind == "ivfpq":  # bound the re-scored candidates' vectors (queries x kk x D fp32) to 256 MB
             batch_size = max(1, min(batch_size, (1 << 26) // (kk * self.store.dim)))
@@ -340,7 +340,7 @@ def search_resumable(search: KeySearch, xq: np.ndarray, k: int, folder: Path, id
             manifest = {"identity": identity, "shape": [n, k], "done": 0, "seconds": 0.0}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     D = np.memmap(folder / "D.f32", dtype=np.float32, mode="r+", shape=(n, k))
-    I = np.memmap(folder / "I.i64", dtype=np.int64, mode="r+", shape=(n, k))  # noqa: E741
+    I = np.memmap(folder / "I.i64", dtype=np.int64, mode="r+", shape=(n, k))
     start = done = manifest["done"]
     if done and progress is not None:
         progress(done)

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,7 +122,7 @@ class KnnStore:
         """Bytes of the keys and values in use (the keys file is sized for the whole store, written in order)."""
         return self.num_keys * (self.dim * 2 + self.values.itemsize)
 
-    def prefix(self, num_keys: int) -> "KnnStore":
+    def prefix(self, num_keys: int) -> KnnStore:
         """The store of the first ``num_keys`` keys (what a store over that many train positions holds)."""
         num_keys = min(num_keys, self.num_keys)
         return KnnStore(self.path, self.manifest, self.keys[:num_keys], self.values[:num_keys])
@@ -131,7 +132,7 @@ class KnnStore:
         return "" if self.complete else f"-{self.num_keys}"
 
     @classmethod
-    def open(cls, path: str | Path) -> "KnnStore":
+    def open(cls, path: str | Path) -> KnnStore:
         path = Path(path)
         try:
             manifest = json.loads((path / "manifest.json").read_text())
