@@ -209,7 +209,7 @@ def test_approximate_search_against_exact(tmp_path, kind):
     np.save(tmp_path / "values.npy", np.zeros(len(xb), dtype=np.int32))
     (tmp_path / "manifest.json").write_text(json.dumps({"num_keys": len(xb), "dim": 16}))
     store = KnnStore.open(tmp_path)
-    D, I = exact_l2(store.keys, xq, 10, block=3000)  # noqa: E741
+    D, I = exact_l2(store.keys, xq, 10, block=3000)
     brute = ((xq[:, None, :] - xb.astype(np.float32)[None]) ** 2).sum(-1)
     assert np.array_equal(I, np.argsort(brute, axis=1, kind="stable")[:, :10]) or \
         np.allclose(D, np.sort(brute, axis=1)[:, :10], rtol=1e-4)
@@ -273,3 +273,152 @@ def test_a_learned_run_reads_its_refreshed_neighbours(tmp_path):
 
     lo, hi = on["scored_targets"]
     assert on["loss"] == pytest.approx(scored_lm_loss(tmp_path / "run", lo, hi, nb_fn), abs=1e-6)
+
+
+def test_a_killed_store_build_resumes_and_a_smaller_store_is_the_prefix_of_a_larger(tmp_path, monkeypatch):
+    """Keys are recorded as they are written: a build killed midway resumes where it stopped, and the store of the
+    first N keys grows into the whole store with the same keys a build from nothing computes."""
+    import knnformer.eval.knnlm.store as store_mod
+    from knnformer.eval.knnlm import open_or_build_store, store_identity
+
+    store = make_datastore(tmp_path, "bytes", num_docs=8)
+    train_tiny(tmp_path / "run", store, 2)
+    model, record, ckpt = load_run(tmp_path / "run")
+    tokens = store.split_tokens("train")
+    identity = store_identity(record, ckpt, store, None, "float32", model.config.context)
+    with torch_threads(1):
+        full, _ = open_or_build_store(tmp_path / "fresh", model, identity, tokens, batch_size=2)
+        monkeypatch.setattr(store_mod, "CHECKPOINT_SECONDS", 0.0)
+        seen = []
+
+        def killed(n):
+            seen.append(n)
+            if sum(seen) > len(tokens) // 2:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            open_or_build_store(tmp_path / "run", model, identity, tokens, batch_size=2, progress=killed)
+        partial = KnnStore.open(tmp_path / "run" / "knnlm")
+        assert 0 < partial.num_keys < len(tokens) - 1 and not partial.complete
+        counted = []
+        small, reused = open_or_build_store(tmp_path / "run", model, identity, tokens, batch_size=2,
+                                            progress=counted.append, max_keys=partial.num_keys // 2)
+        assert reused and small.num_keys == partial.num_keys // 2 and counted == []  # a prefix: nothing computed
+        grown, reused = open_or_build_store(tmp_path / "run", model, identity, tokens, batch_size=2,
+                                            progress=counted.append)
+    assert not reused and counted[0] == partial.num_keys  # resumed: the keys there were counted, not computed
+    assert sum(counted) == len(tokens) - 1 and grown.complete
+    assert np.allclose(np.asarray(grown.keys, np.float32), np.asarray(full.keys, np.float32), atol=2e-3)
+    assert np.array_equal(np.asarray(small.keys), np.asarray(grown.keys[: small.num_keys]))
+
+
+def test_a_killed_search_resumes_with_the_batches_it_wrote(tmp_path, monkeypatch):
+    import knnformer.eval.knnlm.search as search_mod
+    from knnformer.eval.knnlm import search_resumable
+
+    rng = np.random.default_rng(1)
+    xb = rng.normal(size=(3_000, 8)).astype(np.float16)
+    xq = rng.normal(size=(500, 8)).astype(np.float32)
+    (tmp_path / "keys.f16").write_bytes(xb.tobytes())
+    np.save(tmp_path / "values.npy", np.zeros(len(xb), dtype=np.int32))
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_keys": len(xb), "dim": 8}))
+    search = KeySearch(KnnStore.open(tmp_path), "exact")
+    monkeypatch.setattr(search_mod, "CHECKPOINT_SECONDS", 0.0)
+    calls = []
+
+    def killed(n):
+        calls.append(n)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search_resumable(search, xq, 5, tmp_path / "s", {"what": 1}, killed, batch_size=100)
+    resumed = []
+    D, I, reused = search_resumable(search, xq, 5, tmp_path / "s", {"what": 1}, resumed.append, batch_size=100)
+    assert not reused and resumed[0] == 200 and sum(resumed) == 500  # two batches kept, three searched
+    D0, I0 = search.search(xq, 5)
+    assert np.array_equal(I, I0) and np.array_equal(D, D0)
+    again = search_resumable(search, xq, 5, tmp_path / "s", {"what": 1}, None, batch_size=100)
+    assert again[2] and np.array_equal(again[1], I0)
+    changed = search_resumable(search, xq, 4, tmp_path / "s", {"what": 1}, None, batch_size=100)
+    assert not changed[2] and np.array_equal(changed[1], I0[:, :4])  # another k: searched again
+
+
+def test_nprobe_and_refine_are_chosen_to_reach_the_recall_target(tmp_path):
+    from knnformer.eval.knnlm import choose_settings
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(50, 16)) * 4
+    xb = (centres[rng.integers(0, 50, 8_000)] + rng.normal(size=(8_000, 16))).astype(np.float16)
+    xq = (centres[rng.integers(0, 50, 200)] + rng.normal(size=(200, 16))).astype(np.float32)
+    (tmp_path / "keys.f16").write_bytes(xb.tobytes())
+    np.save(tmp_path / "values.npy", np.zeros(len(xb), dtype=np.int32))
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_keys": len(xb), "dim": 16}))
+    store = KnnStore.open(tmp_path)
+    exact_I = exact_l2(store.keys, xq, 32)[1]
+    search = KeySearch(store, "ivfpq", build_ivf(store, "ivfpq"))
+    for target in (0.8, 0.97):
+        choice = choose_settings(search, xq, exact_I, 16, target)
+        assert choice["recall"] >= target and (search.nprobe, search.refine) == (choice["nprobe"], choice["refine"])
+        found = search.search(xq, 16)[1]
+        hits = sum(len(np.intersect1d(a, e)) for a, e in zip(found, exact_I[:, :16]))
+        assert hits / exact_I[:, :16].size == pytest.approx(choice["recall"], abs=1e-4)
+    assert [t for t in choice["tried"] if t["recall"] < 0.97]  # cheaper settings were tried and fell short
+
+
+def test_an_approximate_evaluation_is_checked_against_exact_and_resumes_its_searches(tiny_run, tmp_path):
+    """ivfpq on the tiny store: recall-chosen settings, the gain on the exact sample beside the exact gain, a
+    second evaluation reuses every search; a memory budget the index cannot fit is refused with a clear message."""
+    run_dir, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    r = knn(run, k_max=16, index="ivfpq", exact_sample=200, tune_queries=2_000, recall_target=0.95)
+    c = r["sample_check"]
+    assert r["index"]["kind"] == "ivfpq" and r["index"]["recall_at_k"] >= 0.9
+    assert r["index"]["settings_for_scoring"]["recall"] >= 0.95
+    assert c["queries"] == 200 and c["gain_vs_exact"] is not None
+    assert abs(c["gain_bits_per_byte"] - c["exact_gain_bits_per_byte"]) <= 0.1 * abs(c["exact_gain_bits_per_byte"])
+    assert r["tuning"]["tokens"] == 2_000 and r["index"]["k_searched"] <= 16
+    again = knn(run, k_max=16, index="ivfpq", exact_sample=200, tune_queries=2_000, recall_target=0.95)
+    assert again["index"]["scored_search_reused"] and again["index"]["reused"]
+    assert again["loss"] == r["loss"] and again["tuning"] == r["tuning"]
+    with pytest.raises(ValueError, match="memory-budget"):
+        knn(run, k_max=16, index="ivfpq", memory_budget=1 << 10)
+
+
+def test_the_cli_shows_knn_lm_progress_on_stderr_even_with_json(tiny_run, tmp_path, capsys):
+    from knnformer.cli import main
+
+    run_dir, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["evaluate", str(run), "--knn-lm", "--json", "--knn-k-max", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["k"] <= 8
+    for stage in ("kNN-LM keys", "kNN-LM queries (valid)", "kNN-LM search (tuning", "kNN-LM tuning",
+                  "kNN-LM search (scored"):
+        assert stage in err
+    assert main(["evaluate", str(run), "--knn-lm", "--memory-budget", "0.000001", "--knn-index", "ivfpq"]) == 2
+    assert "memory-budget" in capsys.readouterr().err
+
+
+def test_a_large_store_assigns_keys_through_an_hnsw_graph_of_centroids(tmp_path, monkeypatch):
+    """From HNSW_QUANTIZER_MIN_LISTS lists on, the coarse quantizer is a graph; read back from disk it still
+    searches as many lists as nprobe asks (the graph's efSearch follows nprobe)."""
+    import knnformer.eval.knnlm.search as search_mod
+    from knnformer.eval.knnlm import open_key_search
+
+    monkeypatch.setattr(search_mod, "HNSW_QUANTIZER_MIN_LISTS", 1)
+    rng = np.random.default_rng(0)
+    xb = rng.normal(size=(20_000, 16)).astype(np.float16)
+    xq = rng.normal(size=(100, 16)).astype(np.float32)
+    (tmp_path / "keys.f16").write_bytes(xb.tobytes())
+    np.save(tmp_path / "values.npy", np.zeros(len(xb), dtype=np.int32))
+    (tmp_path / "manifest.json").write_text(json.dumps({"num_keys": len(xb), "dim": 16}))
+    built, info = open_key_search(KnnStore.open(tmp_path), "ivfpq", nprobe=8)
+    import faiss
+
+    assert not info["reused"] and hasattr(faiss.downcast_index(built.index.quantizer), "hnsw")
+    read, info = open_key_search(KnnStore.open(tmp_path), "ivfpq", nprobe=built.index.nlist, refine=16)
+    assert info["reused"]
+    assert recall(read, xq, 10, num_queries=100) >= 0.95  # every list searched: only PQ's error is left

@@ -22,6 +22,12 @@ def cmd_evaluate(args) -> int:
                          disable=args.json or args.quiet))
         return bars[-1].update
 
+    def knn_factory(total, what=""):  # every kNN-LM stage, with its time left, whether or not --json
+        if bars:
+            bars[-1].close()
+        bars.append(tqdm(total=total, unit_scale=True, desc=what, disable=args.quiet, mininterval=1.0))
+        return bars[-1].update
+
     try:
         if args.retrieval_db:
             from knnformer.eval.database import evaluate_database
@@ -37,12 +43,18 @@ def cmd_evaluate(args) -> int:
 
             if args.stride:
                 raise ValueError("--knn-lm scores in consecutive windows; drop --stride")
-            result = knnlm.evaluate_knn_lm(args.run, args.split, args.datastore, args.batch_size, factory,
-                                           args.retrieval)
+            result = knnlm.evaluate_knn_lm(args.run, args.split, args.datastore, args.batch_size, knn_factory,
+                                           args.retrieval, k_max=args.knn_k_max, index=args.knn_index,
+                                           nprobe=args.knn_nprobe, refine=args.knn_refine,
+                                           memory_budget=int(args.memory_budget * (1 << 30)),
+                                           max_keys=args.knn_max_keys, recall_target=args.knn_recall,
+                                           tune_queries=args.knn_tune_queries, exact_sample=args.knn_exact_sample)
             table = knnlm.format_table(result)
         else:
+            from knnformer.runtime import resolve_device
+
             result = evaluate_run(args.run, args.split, args.stride, args.datastore, args.batch_size, factory,
-                                  args.retrieval, args.neighbour_gain)
+                                  args.retrieval, args.neighbour_gain, str(resolve_device(args.device or "cpu")))
             table = format_table(result)
     finally:
         for bar in bars:
@@ -64,6 +76,25 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     s.add_argument("--knn-lm", action="store_true",
                    help="interpolate with a kNN-LM over the run's train hidden states (lambda, k and temperature "
                         "tuned on data not scored: valid for test, valid's first half for its second)")
+    s.add_argument("--knn-index", choices=["auto", "exact", "ivf", "ivfpq"], default="auto",
+                   help="kNN-LM key search: exact, IVF over the fp16 keys, or IVF-PQ re-scored from them; auto "
+                        "picks by the work of exact search and --memory-budget")
+    s.add_argument("--knn-k-max", type=int, default=256, help="largest k tried when tuning kNN-LM (default 256)")
+    s.add_argument("--knn-max-keys", type=int, default=None, metavar="N",
+                   help="kNN-LM over the first N train positions only (the store grows to more without recomputing)")
+    s.add_argument("--knn-recall", type=float, default=0.99,
+                   help="recall@k against exact search that kNN-LM's nprobe and refine are chosen to reach, "
+                        "measured on a sample of the tuning tokens (default 0.99)")
+    s.add_argument("--knn-nprobe", type=int, default=None, help="fix the IVF lists searched (default: by recall)")
+    s.add_argument("--knn-refine", type=int, default=None,
+                   help="fix IVF-PQ's candidates re-scored exactly, as a multiple of k (default: by recall)")
+    s.add_argument("--knn-tune-queries", type=int, default=32_768,
+                   help="tuning tokens searched with --knn-k-max and tuned on, a seeded sample (default 32768)")
+    s.add_argument("--knn-exact-sample", type=int, default=1000,
+                   help="tuning tokens searched exactly, for recall and the gain against exact (default 1000)")
+    s.add_argument("--memory-budget", type=float, default=2.0,
+                   help="GiB kNN-LM's index may hold; the keys are kept in memory for re-scoring when they fit "
+                        "beside it, and an index that cannot fit is refused (default 2)")
     s.add_argument("--neighbour-gain", type=int, default=8, metavar="N",
                    help="measure how much each neighbour lowered the loss of the chunk it served on N windows "
                         "(one extra forward per neighbour and chunk; 0: skip; default 8)")
@@ -77,5 +108,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     s.add_argument("--neighbours", type=int, default=1, metavar="N",
                    help="--mode in-context: neighbours placed before each window (default 1)")
     s.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default cpu; not with --knn-lm, "
+                   "which scores on the CPU)")
     s.set_defaults(func=cmd_evaluate)
     return s

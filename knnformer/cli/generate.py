@@ -40,10 +40,11 @@ def print_neighbours(chunks: list[dict], latency: list[float]) -> None:
 
 def cmd_generate(args) -> int:
     from knnformer.run.record import load_run, open_run_datastore
+    from knnformer.runtime import resolve_device
     from knnformer.serve.generate import RetrievingGenerator, sample_ids, stream_text
 
     check_generate_args(args)  # --max-new-tokens 0, --top-p 1.5: refused before the model is loaded
-    model, record, _ = load_run(args.run)
+    model, record, _ = load_run(args.run, str(resolve_device(args.device or "cpu")))
     store = open_run_datastore(record, args.datastore)
     tokenizer = store.tokenizer
     prompt = args.prompt if args.prompt is not None else ""
@@ -115,5 +116,6 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="how the run reads --retrieval-db: cross-attention (a RETRO run) or the neighbours' text "
                         "before the window (any run); auto: cca for a RETRO run, else in-context")
     s.add_argument("--json", action="store_true", help="print the text and its neighbours as one JSON object")
+    s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     s.set_defaults(func=cmd_generate)
     return s

@@ -10,6 +10,7 @@ import time
 
 from tqdm import tqdm
 
+from knnformer.cli.common import say
 from knnformer.data.chunks import DEFAULT_CHUNK_SIZE
 from knnformer.retrieval.index import DEFAULT_MEMORY_BUDGET, INDEX_KINDS
 from knnformer.retrieval.neighbours import DEFAULT_EMBEDDER, DEFAULT_EXCLUDE_WINDOW, DEFAULT_K
@@ -63,22 +64,62 @@ def cmd_index(args) -> int:
     from knnformer.data.datastore import Datastore
     from knnformer.io import claim_folder, recover_swapped_folder
     from knnformer.retrieval.build import index_datastore
+    from knnformer.runtime import resolve_device
+    from knnformer.train import parallel
 
-    recover_swapped_folder(args.datastore)  # a prepare --force killed mid-swap left the old datastore aside
+    nproc = getattr(args, "nproc", 0)
+    if nproc > 1 and parallel.launched().size == 1:  # start torchrun with this command, minus --nproc
+        import sys
+
+        from knnformer.cli.train import strip_nproc
+
+        return parallel.launch(nproc, strip_nproc(args.argv or sys.argv[1:]), args.device or "auto")
+    world = parallel.launched()
+    if world.main:  # under torchrun rank 0 holds the folder for all ranks (they only add their shard files)
+        recover_swapped_folder(args.datastore)  # a prepare --force killed mid-swap left the old datastore aside
     Datastore.open(args.datastore)  # a one-line error for what is not a datastore, before any lock file is made
-    _claim = claim_folder(args.datastore, "index")  # one writer per folder; released when this returns
+    _claim = claim_folder(args.datastore, "index") if world.main else None  # one writer per folder
     t0 = time.perf_counter()
+    device = str(resolve_device(args.device or "cpu"))
+    if parallel.launched().size > 1 and not embed_over_ranks(args):  # under torchrun: only rank 0 indexes
+        return 0
     bars = _Bars(getattr(args, "quiet", False))
     try:
         section = index_datastore(args.datastore, embedder=args.embedder, index=args.index, k=args.k,
                                   chunk_size=args.chunk_size, exclude_window=args.exclude_window,
-                                  memory_budget=int(args.memory_budget * (1 << 30)), force=args.force,
-                                  progress=bars, hops=args.hops, neighbours=not args.no_neighbours)
+                                  memory_budget=int(args.memory_budget * (1 << 30)),
+                                  force=args.force and parallel.launched().size == 1,  # the ranks just embedded
+                                  progress=bars, hops=args.hops, device=device,
+                                  neighbours=not args.no_neighbours)
     finally:
         bars.close()
     print(f"indexed {args.datastore}")
     print(format_summary(args.datastore, section, time.perf_counter() - t0))
     return 0
+
+
+def embed_over_ranks(args) -> bool:
+    """Under torchrun: every rank embeds its share of the chunks, rank 0 joins them (``parallel.embed_sharded``).
+    Returns True on rank 0, which goes on to build the index and neighbours from the joined embeddings."""
+    from knnformer.retrieval.embedders import make_embedder
+    from knnformer.train import parallel
+
+    world, device = parallel.start(args.device or "cpu")
+    try:
+        emb = make_embedder(args.embedder, str(device))
+        if emb.sparse:
+            if world.main:
+                say(f"{args.embedder} is a sparse index with nothing to embed: one process builds it")
+        else:
+            bars = _Bars(getattr(args, "quiet", False) or not world.main)
+            try:
+                parallel.embed_sharded(args.datastore, emb, args.chunk_size, world, force=args.force,
+                                       progress=bars("embedding (this rank's share)", None))
+            finally:
+                bars.close()
+    finally:
+        parallel.stop()
+    return world.main
 
 
 def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -103,5 +144,10 @@ def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="build the index alone, for a retrieval database (--retrieval-db searches it live); "
                         "training on this datastore needs its neighbours")
     s.add_argument("--force", action="store_true", help="recompute the embeddings even if the manifest says they match")
+    s.add_argument("--device", default=None, help="where a model embedder runs: auto, cpu, cuda, cuda:N, mps "
+                   "(default cpu; faiss stays on the CPU)")
+    s.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="embed the chunks with N processes (torchrun), then index them in one")
+    s.set_defaults(argv=None)
     s.set_defaults(func=cmd_index)
     return s

@@ -18,6 +18,8 @@ def cmd_lra(args) -> int:
     overrides = list(args.set or [])
     if args.attention:
         overrides.append(f"model.attention={args.attention}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
     config = lra_config(args.preset, overrides)
     out = Path(args.out)
     _claim = claim_folder(out, "lra")  # one writer per folder; released when this returns
@@ -59,5 +61,7 @@ def add_lra_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--out", default="lra-listops", help="folder for the generated data and the results")
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a field of the data, model or train section")
+    s.add_argument("--device", default=None, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps "
+                   "(default: the preset's train.device, auto)")
     s.set_defaults(func=cmd_lra)
     return s

@@ -64,9 +64,11 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
     """Train (or resume) the run behind a progress bar: loss, median tokens/s and MoE statistics in its postfix,
     evaluations and events above it. Raises ``Interrupted`` when training was stopped on request."""
     from knnformer.io import claim_folder
+    from knnformer.train import parallel
     from knnformer.train.trainer import train
 
-    _claim = claim_folder(run_dir, "train")  # one writer per folder; released when this returns
+    # one writer per folder, released when this returns; under torchrun rank 0 holds it for every rank
+    _claim = claim_folder(run_dir, "train") if parallel.launched().main else None
     cfg = config.train
     start = 0
     if resume:
@@ -90,9 +92,11 @@ def train_with_progress(run_dir: Path, store, config, resume: bool, quiet: bool 
         bar.update(1)
 
     try:
-        result = train(run_dir, store, config, resume=resume, on_step=on_step, init_from=init_from)
+        result = train(run_dir, store, config, resume=resume, on_step=on_step if parallel.launched().main else None,
+                       init_from=init_from)
     finally:
         bar.close()
+        parallel.stop()
     if result.interrupted:
         say(f"stopped at step {result.step}; checkpoint saved. Continue with `knnformer train {store.path} "
             f"--out {run_dir} --resume`")
@@ -112,21 +116,51 @@ def check_run_folder(run_dir: Path) -> None:
 
 
 def cmd_train(args) -> int:
-    from knnformer.data.datastore import Datastore
+    import sys
 
+    from knnformer.data.datastore import Datastore
+    from knnformer.train import parallel
+
+    if getattr(args, "nproc", 0) and args.nproc > 1 and parallel.launched().size == 1:
+        return parallel.launch(args.nproc, strip_nproc(args.argv or sys.argv[1:]), args.device or "auto")
     store = Datastore.open(args.datastore)
     run_dir = Path(args.out)
     check_run_folder(run_dir)
     config = resolve_train_config(args, store, run_dir)
-    if not args.quiet:
+    if args.device:
+        config.train.device = args.device
+    world = parallel.launched()
+    quiet = args.quiet or not world.main  # one progress bar: rank 0's
+    if not quiet:
+        from knnformer.runtime import choose_dtype, resolve_device
+
+        device = resolve_device(config.train.device)
+        dtype, why = choose_dtype(config.train.dtype, device)
+        ranks = (f", {world.size} ranks ({parallel.resolved_parallel(config.train, world)})"
+                 if world.size > 1 else "")
         say(f"training {config.model.num_layers} layers x {config.model.dim} wide, context {config.model.context}, "
             f"{config.train.steps} steps of {config.train.batch_size * config.train.grad_accum} sequences "
-            f"-> {run_dir}")
-    result = train_with_progress(run_dir, store, config, args.resume, args.quiet, args.init_from)
+            f"-> {run_dir}; on {device}{ranks}, {dtype} ({why})")
+    result = train_with_progress(run_dir, store, config, args.resume, quiet, args.init_from)
+    if not world.main:
+        return 0
     print(f"trained to step {result.step}: train loss {result.last_loss:.4f}"
           + (f", valid loss {result.valid['valid_loss']:.4f} ({result.valid['valid_bpb']:.4f} bits/byte)"
              if result.valid else ""))
     return 0
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """The command line without ``--nproc N`` / ``--nproc=N`` (what each rank runs)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -136,6 +170,11 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--config", default=None, help="preset name (tiny, shakespeare-char, small) or YAML path")
     s.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    s.add_argument("--device", default=None, help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps "
+                   "(default: the config's train.device, auto)")
+    s.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="train with N processes on this machine (starts torchrun; train.parallel picks ddp or fsdp)")
+    s.set_defaults(argv=None)
     s.add_argument("--init-from", metavar="RUN", default=None,
                    help="start a new run from RUN's decoder (its model section and weights; retrieval layers, if "
                         "enabled, start fresh): a run trained here or one made by `knnformer import-hf`")

@@ -95,6 +95,10 @@ class MoEConfig:
     """``top1`` / ``top2`` on CPU: run the experts as grouped GEMMs (``torch._grouped_mm``) over exactly the kept
     tokens; off (and on other devices, and under ``torch.compile``) as ``bmm`` over a buffer padded to the
     capacity. Same result."""
+    expert_parallel: bool = False
+    """Under several ranks: shard each MoE layer's experts over the ranks (E must be divisible by them), tokens
+    sent to their expert's rank with ``all_to_all_single`` (see train/parallel.py). The layer's output and
+    gradients are those of the whole layer; only ``top1`` / ``top2``."""
     second_expert_sampling: bool = True
     """``top2`` only: in training keep the second expert with probability 2 x its normalised gate (GShard); off
     keeps it always. Evaluation always keeps it."""
@@ -199,8 +203,25 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """``bfloat16`` runs forward and backward under bf16 autocast; weights and optimizer stay fp32."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``bfloat16`` / ``float16`` run forward and backward under autocast (fp16 with a gradient scaler); weights
+    and optimizer stay fp32. ``auto`` picks bf16 where the hardware runs it natively (a CUDA device with bf16, a
+    CPU with avx512_bf16 or AMX) and fp32 elsewhere; the run record says what was picked and why."""
+    device: str = "auto"
+    """Where the run computes: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
+    (``--device``). Under torchrun each rank takes ``cuda:LOCAL_RANK``."""
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    """Under torchrun (or ``--nproc N``): ``ddp`` replicates the model and all-reduces gradients; ``fsdp`` shards
+    parameters, gradients and optimizer state per block (FSDP2 ``fully_shard``); ``none`` with several ranks
+    means ``ddp``. ``batch_size`` is per rank: the global batch is ``batch_size x grad_accum x ranks``."""
+    fsdp_mixed_precision: bool = False
+    """FSDP only: parameters gathered and gradients reduced in bf16 (``MixedPrecisionPolicy``), fp32 master."""
+    fsdp_cpu_offload: bool = False
+    """FSDP only: parameters, gradients and optimizer state live on the CPU between uses (``CPUOffloadPolicy``,
+    ZeRO-Offload); on a CPU-only machine it changes nothing."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3 more
+    compute)."""
     compile: bool = False
     """Compile the model with ``torch.compile`` (faster steps after a one-off compile time)."""
     seed: int = 1337
@@ -216,7 +237,9 @@ class TrainConfig:
     log_interval: int = 10
     """Append a metrics line every this many steps."""
     threads: int = 0
-    """Torch intra-op threads; 0 leaves torch's default."""
+    """Torch intra-op threads; 0 leaves torch's default (one per core; ``torchrun`` sets OMP_NUM_THREADS=1 per
+    rank unless told otherwise, ``--nproc N`` sets cores / N). Waiting threads sleep rather than spin
+    (``OMP_WAIT_POLICY=PASSIVE``, set by ``import knnformer``), which is what keeps a shared machine fast."""
     optimizer: str = "adamw"
     """``adamw``; ``muon``, ``soap`` or ``shampoo`` for the hidden weight matrices (AdamW for the rest, same ``lr``);
     or ``opt-list:N``, entry N of the learned NAdamW list, which brings its own rate, schedule and decays

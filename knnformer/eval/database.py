@@ -43,7 +43,7 @@ def evaluate_database(run_dir: str | Path, databases: list[str], mode: str, spli
     if mode == "cca":
         from knnformer.eval.evaluate import evaluate_run
 
-        r = evaluate_run(run_dir, split, None, datastore, batch_size, progress_factory, "on", 0, databases)
+        r = evaluate_run(run_dir, split, None, datastore, batch_size, progress_factory, "on", 0, databases=databases)
         out = {"bits_per_byte": r["bits_per_byte"], "loss": r["loss"], "filtered": r.get("filtered"),
                "retrieval_off": r["retrieval_off"], "database": r["database"], "scored": split,
                "tokens": r["tokens"], "details": {"neighbours": r.get("neighbours"), "step": r.get("step")}}

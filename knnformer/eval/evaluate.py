@@ -42,7 +42,8 @@ def summarize(total: dict[str, Any], split: str, stride: int, context: int) -> d
 
 def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None = None, datastore: str | None = None,
                  batch_size: int = 32, progress_factory=None, retrieval: str = "auto",
-                 gain_windows: int = DEFAULT_GAIN_WINDOWS, databases: list[str] | None = None) -> dict[str, Any]:
+                 gain_windows: int = DEFAULT_GAIN_WINDOWS, device: str = "cpu",
+                 databases: list[str] | None = None) -> dict[str, Any]:
     """Score a split. ``retrieval``: ``on`` (the run must be a retrieval model), ``off`` (run as a plain LM) or
     ``auto`` (on for a retrieval run). With retrieval on, the figures with retrieval off come along, and with
     any neighbours in the datastore, RETRO's overlap-filtered bits per byte. With retrieval on and
@@ -52,7 +53,7 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     of its own datastore (RETRO's cross-attention over text it was not trained on), leakage-filtered."""
     from knnformer.run.vectors import frozen_vectors
 
-    model, record, ckpt_path = load_run(run_dir)
+    model, record, ckpt_path = load_run(run_dir, device)
     store = open_run_datastore(record, datastore)
     rcfg = run_retrieval(record)
     if retrieval not in ("auto", "on", "off"):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from knnformer.config import ModelConfig, TrainConfig, apply_overrides, merge_config
 from knnformer.model.layers import Block, RMSNorm, init_weights, rotary_tables
-from knnformer.runtime import autocast
+from knnformer.runtime import autocast, choose_dtype, resolve_device
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
 
 logger = logging.getLogger(__name__)
@@ -285,9 +285,11 @@ def accuracy(model: Classifier, seqs: list[torch.Tensor], labels: torch.Tensor, 
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
         ids, mask = pad_batch([seqs[i] for i in idx])
+        device = next(model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         with autocast(cfg.dtype, ids.device):
             logits = model(ids, mask)
-        correct += int((logits.argmax(-1) == labels[idx]).sum())
+        correct += int((logits.argmax(-1).cpu() == labels[idx]).sum())
     model.train(was_training)
     return correct / len(seqs)
 
@@ -306,7 +308,8 @@ def train_listops(config: LRAConfig, out: Path, on_step: Callable[[dict], None] 
     valid_x, valid_y = read_split(folder, "valid")
     test_x, test_y = read_split(folder, "test")
     torch.manual_seed(cfg.seed)
-    model = Classifier(mcfg)
+    device = resolve_device(cfg.device)
+    model = Classifier(mcfg).to(device)
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     metrics_path = out / f"metrics-{mcfg.attention}.jsonl"
@@ -323,9 +326,10 @@ def train_listops(config: LRAConfig, out: Path, on_step: Callable[[dict], None] 
                 group["lr"] = lr
             idx = torch.randint(len(train_x), (cfg.batch_size,), generator=generator).tolist()
             ids, mask = pad_batch([train_x[i] for i in idx])
+            ids, mask = ids.to(device), mask.to(device)
             with autocast(cfg.dtype, ids.device):
                 logits = model(ids, mask)
-            loss = F.cross_entropy(logits.float(), train_y[idx])
+            loss = F.cross_entropy(logits.float(), train_y[idx].to(device))
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -354,6 +358,7 @@ def train_listops(config: LRAConfig, out: Path, on_step: Callable[[dict], None] 
         "train_tokens_per_s": tokens / train_seconds, "eval_seconds": time.perf_counter() - t_eval,
         "data_seconds": data_seconds, "num_params": sum(p.numel() for p in model.parameters()),
         "history": history, "config": dataclasses.asdict(config), "threads": torch.get_num_threads(),
+        "device": str(device), "dtype": choose_dtype(cfg.dtype, device)[0],
     }
     path = out / f"result-{mcfg.attention}.json"
     tmp = path.with_name(f".{path.name}.tmp")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from knnformer.config import Config, Derived, ModelConfig
+from knnformer.config import Config, Derived, ModelConfig, TrainConfig
 from knnformer.export.tokenizer import read_hf_tokenizer
 from knnformer.io import writing_folder
 from knnformer.model.transformer import Transformer
@@ -163,7 +163,8 @@ def import_hf(folder: str | Path, out: str | Path, force: bool = False, context:
         detail = str(e).splitlines()[-1].strip()
         raise ValueError(f"{folder}: the weights do not fit its config.json ({detail})") from None
     tokenizer = read_hf_tokenizer(folder)
-    config = Config(model=mcfg)
+    # fp32 as transformers computes it (train.dtype's default, auto, would take bf16 on bf16 hardware)
+    config = Config(model=mcfg, train=TrainConfig(dtype="float32"))
     record = {"config": config.to_dict(), "derived": dataclasses.asdict(Derived()),
               "datastore": {"path": None, "corpus_sha256": None,
                             "tokenizer_fingerprint": tokenizer.fingerprint() if tokenizer is not None else None},

@@ -100,6 +100,9 @@ class MoE(nn.Module):
         self.experts_gate_up = nn.Parameter(torch.empty(E, D, 2 * F_))
         self.experts_down = nn.Parameter(torch.empty(E, F_, D))
         self.dropout = config.dropout
+        # expert parallelism: set by train/parallel.shard_experts, which leaves this layer E / ranks experts; a
+        # callable (kept rows grouped by global expert, each expert's row count) -> their outputs, in that order
+        self.exchange = None
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
 
@@ -163,12 +166,14 @@ class MoE(nn.Module):
         gate_of = gates.t().reshape(-1)[kept, None]  # (kept, 1)
         # under torch.compile the padded path: torch 2.13's fake kernel of _grouped_mm refuses fp32
         grouped = self.cfg.grouped_mm and tokens.device.type == "cpu" and not torch.compiler.is_compiling()
-        if grouped and hasattr(torch, "_grouped_mm"):
+        if (grouped and hasattr(torch, "_grouped_mm")) or self.exchange is not None:
             # expert e's kept slots are 0 .. min(count_e, Cap) - 1: row = e's first row + slot
             ends = counts.clamp(max=cap).cumsum(0)
             row = ends[flat_experts[kept]] - counts.clamp(max=cap)[flat_experts[kept]] + slot[kept]
             order = torch.empty_like(token_of).index_copy_(0, row, torch.arange(len(row), device=row.device))
-            expert_out = self.run_experts_grouped(tokens[token_of[order]], ends)  # rows in expert order
+            rows = tokens[token_of[order]]  # in expert order
+            expert_out = (self.run_experts_grouped(rows, ends) if self.exchange is None
+                          else self.exchange(rows, counts.clamp(max=cap)))
             weighted = expert_out * gate_of[order].to(expert_out.dtype)
             out = weighted.new_zeros(N, D).index_add(0, token_of[order], weighted)
         else:

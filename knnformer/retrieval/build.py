@@ -56,7 +56,8 @@ ExactSearch = Callable[[np.ndarray, np.ndarray, np.ndarray, int], SearchResult]
 def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: str = "auto", k: int = DEFAULT_K,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, exclude_window: int = DEFAULT_EXCLUDE_WINDOW,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, force: bool = False, seed: int = 0,
-                    progress: Progress = _no_progress, hops: int = 1, neighbours: bool = True) -> dict:
+                    progress: Progress = _no_progress, hops: int = 1, device: str = "cpu",
+                    neighbours: bool = True) -> dict:
     """Chunk, embed, index and precompute neighbours for the datastore at ``path``; returns the manifest's
     ``retrieval`` section. Embeddings are reused when the manifest matches (``force`` recomputes them). With
     ``hops=2`` the second hop's neighbours are computed too and written beside the first's (see hops.py).
@@ -64,7 +65,7 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
     store = Datastore.open(path)
     layout = chunk_layout(store, chunk_size)
     _check_arguments(store, layout, index, k if neighbours else 1, exclude_window, hops)
-    emb = make_embedder(embedder)
+    emb = make_embedder(embedder, device)
     if not neighbours:
         if hops != 1:
             raise ValueError("--hops 2 computes neighbours; drop --no-neighbours")

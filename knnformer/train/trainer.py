@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,8 @@ from knnformer.run.checkpoint import (
 from knnformer.run.plots import write_curves
 from knnformer.run.refreshes import changed_share, load_refresh, prune_refreshes, refresh_folder
 from knnformer.run.vectors import frozen_vectors
-from knnformer.runtime import autocast
+from knnformer.runtime import autocast, choose_dtype
+from knnformer.train import parallel
 from knnformer.train.init import load_decoder
 from knnformer.train.inputs import estimate_loss, make_samplers, resolve_retrieval
 from knnformer.train.optim import lr_at, make_optimizer, redraw_due, redraw_step
@@ -103,14 +105,25 @@ class Trainer:
     optimizer steps taken; ``self.record`` is the run record saved as ``config.json`` and in every checkpoint."""
 
     def __init__(self, run_dir: str | Path, datastore: Datastore, config: Config,
-                 on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu"):
+                 on_step: Callable[[dict[str, Any]], None] | None = None, device: str | None = None):
         self.run_dir, self.datastore, self.config = Path(run_dir), datastore, config
         self.cfg, self.mcfg = config.train, config.model
         self.on_step = on_step
-        self.device = torch.device(device)
+        # the ranks torchrun started (one when run alone), this rank's device and the precision it runs fast
+        self.world, self.device = parallel.start(device or self.cfg.device)
+        self.dtype, self.dtype_reason = choose_dtype(self.cfg.dtype, self.device)
+        if self.cfg.batch_size % self.world.size:
+            raise ValueError(f"train.batch_size ({self.cfg.batch_size}) is the global micro-batch and must be "
+                             f"divisible by the {self.world.size} ranks")
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self._setup_data()
+        if self.world.size > 1 and self.mcfg.ffn == "moe" and self.mcfg.moe.expert_parallel:
+            raise ValueError("model.moe.expert_parallel is a layer for now (train/parallel.shard_experts, tested on 2 "
+                             "ranks); the trainer does not checkpoint sharded experts yet: train MoE with DDP or FSDP")
+        if self.world.size > 1 and self.schedule and self.cfg.parallel == "fsdp":
+            raise ValueError("retrieval.refresh (a learned retriever's re-indexing) reads whole weights: train it "
+                             "with train.parallel=ddp or one process")
         self._setup_model()
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.pending = None  # a refresh started but not yet swapped in (refresh.BackgroundRefresh or FinishedRefresh)
@@ -141,11 +154,20 @@ class Trainer:
         """The model (seeded), its optimizer, the batch generator and the run record."""
         torch.manual_seed(self.cfg.seed)
         self.model = Transformer(self.mcfg, self.rcfg, self.derived.retriever_input_dim).to(self.device)
+        if self.world.size > 1:  # the same initial weights everywhere, different dropout masks per rank
+            torch.manual_seed(self.cfg.seed + 7919 * self.world.rank)
+        # what the step calls: the model itself, or under DDP / FSDP2 (which shards the model: optimizer after)
+        self.step_model = parallel.wrap(self.model, self.cfg, self.world, self.device)
         self.optimizer = make_optimizer(self.model, self.cfg, self.rcfg.retriever.lr_scale)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.generator = torch.Generator().manual_seed(self.cfg.seed + 1)
         self.record = run_record(self.config, self.datastore, self.derived)
         if self.learned:
             self.record["refresh"] = {"id": 0, "step": 0, "folder": None}  # 0: the datastore's own neighbours
+        self.record["runtime"] = {"device": str(self.device), "dtype": self.dtype, "dtype_reason": self.dtype_reason,
+                                  "world_size": self.world.size, "parallel": parallel.resolved_parallel(self.cfg,
+                                                                                                         self.world),
+                                  "threads": torch.get_num_threads()}
 
     def start(self, resume: bool) -> None:
         """Resume the latest checkpoint in ``run_dir``, or begin a new run there (refused if it holds one)."""
@@ -155,16 +177,23 @@ class Trainer:
             if list_checkpoints(self.run_dir):
                 raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it or pick "
                                  f"another --out")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics_path.unlink(missing_ok=True)
+            parallel.barrier()  # every rank has looked before rank 0 writes
+            if self.world.main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                self.metrics_path.unlink(missing_ok=True)
         self._write_record()
 
     def _resume(self) -> None:
         """Weights, optimizer, step and generators of the latest checkpoint, and the neighbours it trained with
         (and a refresh it left pending); metric lines it did not reach are dropped."""
-        ckpt = load_checkpoint(latest_checkpoint(self.run_dir), with_optimizer=True)
-        load_weights(self.model, ckpt)  # a model of another shape: a one-line error, not a traceback
-        load_optimizer(self.optimizer, ckpt)
+        path = latest_checkpoint(self.run_dir)
+        distributed = parallel.is_distributed_checkpoint(path)
+        ckpt = load_checkpoint(path, with_optimizer=not distributed)
+        if distributed:  # saved by a sharded run: DCP reshards it onto this world size
+            parallel.load_distributed(path, self.model, self.optimizer)
+        else:
+            load_weights(self.model, ckpt)  # a model of another shape: a one-line error, not a traceback
+            load_optimizer(self.optimizer, ckpt)
         self.step = ckpt["state"]["step"]
         self.generator.set_state(ckpt["state"]["generator"])
         set_rng_state(ckpt["state"]["rng"])
@@ -177,11 +206,14 @@ class Trainer:
             p = self.record["refresh_pending"] = saved["refresh_pending"]
             self.pending = FinishedRefresh(self.run_dir / p["folder"], self.datastore, self.neighbours.layout,
                                            self.rcfg.search.hops, p["id"], p["step"], p["swap_step"])
-        _truncate_metrics(self.metrics_path, self.step)
+        if self.world.main:  # another rank's rewrite would swap the file under rank 0's appends
+            _truncate_metrics(self.metrics_path, self.step)
         self.wall_before = _last_wall_s(self.metrics_path)
         logger.info("resumed from %s at step %d", ckpt["path"], self.step)
 
     def _write_record(self) -> None:
+        if not self.world.main:
+            return
         atomic_write_text(self.run_dir / "config.json", json.dumps(self.record, indent=2))
 
     # --- the loop ----------------------------------------------------------------------------------------------
@@ -190,11 +222,11 @@ class Trainer:
         """Train from ``self.step`` to ``config.train.steps``; the first Ctrl-C stops after the current step with a
         checkpoint."""
         cfg = self.cfg
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.step_model = torch.compile(self.step_model) if cfg.compile else self.step_model
         self.model.train()
         self.meter = StatsMeter(self.model)
         interrupted = False
-        with StopRequested() as stop, open(self.metrics_path, "a") as metrics:
+        with StopRequested() as stop, open(self.metrics_path if self.world.main else os.devnull, "a") as metrics:
             self._t_last = self._t_start = time.perf_counter()
             while self.step < cfg.steps:
                 refreshed = self.refresh_before_step()
@@ -207,7 +239,7 @@ class Trainer:
                 checkpointed = self._checkpoint_due()
                 if checkpointed:
                     self.checkpoint()
-                if stop.requested:
+                if stop.requested if self.world.size == 1 else parallel.sum_over_ranks([stop.requested])[0]:
                     if not checkpointed:
                         self.checkpoint()
                     interrupted = True
@@ -227,16 +259,25 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum, aux_sum = 0.0, 0.0
         self.meter.reset()
-        for _ in range(cfg.grad_accum):
-            batch = self.train_sampler.sample(cfg.batch_size, self.generator).to(self.device)
-            with autocast(cfg.dtype, self.device):
-                _, loss = self.step_model(batch.x, batch.y, **batch.model_inputs())
-            aux = model.aux_loss()
-            ((loss if aux is None else loss + aux) / cfg.grad_accum).backward()
+        for micro in range(cfg.grad_accum):
+            # every rank draws the global micro-batch and keeps its slice (parallel.shard_batch)
+            batch = parallel.shard_batch(self.train_sampler.sample(cfg.batch_size, self.generator), self.world)
+            batch = batch.to(self.device)
+            with parallel.accumulating(self.step_model, last=micro == cfg.grad_accum - 1):
+                with autocast(self.dtype, self.device):
+                    _, loss = self.step_model(batch.x, batch.y, **batch.model_inputs())
+                aux = model.aux_loss()
+                self.scaler.scale((loss if aux is None else loss + aux) / cfg.grad_accum).backward()
             loss_sum += loss.item()
             aux_sum += 0.0 if aux is None else aux.item()
+        if self.world.size > 1:  # the step's loss is the mean over the global batch
+            loss_sum, aux_sum = (v / self.world.size for v in parallel.sum_over_ranks([loss_sum, aux_sum]))
+        self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        self.optimizer.step()
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.last_loss = loss_sum / cfg.grad_accum
@@ -279,12 +320,17 @@ class Trainer:
 
     def checkpoint(self) -> None:
         """Save a checkpoint at ``self.step``; for a learned retriever, then drop the refreshes nothing reads."""
-        if self.pending is not None:  # a checkpoint names the pending refresh's folder, so that folder must exist
+        if self.pending is not None and self.world.main:  # a checkpoint names the pending refresh's folder
             self.pending.result()
         state = {"generator": self.generator.get_state(), "rng": rng_state()}
-        save_checkpoint(self.run_dir, self.step, self.model, self.record, self.optimizer, state,
-                        keep=self.cfg.keep_checkpoints)
-        if self.learned:  # refreshes no kept checkpoint (nor the run) reads any more give their arrays back
+        if parallel.is_sharded(self.model):  # FSDP: every rank writes its shards (torch.distributed.checkpoint)
+            parallel.save_distributed(self.run_dir, self.step, self.model, self.optimizer, self.record, state,
+                                      self.world, keep=self.cfg.keep_checkpoints)
+        elif self.world.main:
+            save_checkpoint(self.run_dir, self.step, self.model, self.record, self.optimizer, state,
+                            keep=self.cfg.keep_checkpoints)
+        parallel.barrier()
+        if self.learned and self.world.main:  # refreshes no kept checkpoint (nor the run) reads any more give their arrays back
             records = [json.loads((c / "config.json").read_text()) for c in list_checkpoints(self.run_dir)]
             records.append(self.record)
             prune_refreshes(self.run_dir, {r[key]["folder"] for r in records for key in ("refresh", "refresh_pending")
@@ -323,8 +369,15 @@ class Trainer:
     def _refresh_in_line(self) -> dict[str, Any]:
         t_refresh, t_cpu = time.perf_counter(), time.process_time()
         refresh_id = self.record["refresh"]["id"] + 1
-        new = refresh_neighbours(self.model, self.neighbours, self.run_dir, refresh_id, self.step,
-                                 **self._refresh_kwargs())
+        new = None
+        if self.world.main:  # under several ranks rank 0 refreshes once; the others read its folder
+            new = refresh_neighbours(self.model, self.neighbours, self.run_dir, refresh_id, self.step,
+                                     **self._refresh_kwargs())
+        if self.world.size > 1:
+            parallel.barrier()
+            if not self.world.main:
+                new = load_refresh(self.run_dir / self._folder_name(refresh_id), self.datastore,
+                                   self.neighbours.layout, self.rcfg.search.hops)
         refreshed = self.swap_in(new, refresh_id, self.step)
         refreshed["refresh_seconds"] = time.perf_counter() - t_refresh
         refreshed["refresh_cpu_seconds"] = time.process_time() - t_cpu
@@ -332,13 +385,21 @@ class Trainer:
 
     def _start_background_refresh(self) -> None:
         refresh_id, step, swap_step = self.record["refresh"]["id"] + 1, self.step, self.step + self.lag
-        self.pending = BackgroundRefresh(self.model, self.rcfg, self.neighbours, self.run_dir, refresh_id, step,
-                                         swap_step, **self._refresh_kwargs())
+        if self.world.main:
+            self.pending = BackgroundRefresh(self.model, self.rcfg, self.neighbours, self.run_dir, refresh_id, step,
+                                             swap_step, **self._refresh_kwargs())
+        else:  # rank 0 computes it; this rank reads its folder when it is swapped in
+            self.pending = FinishedRefresh(self.run_dir / self._folder_name(refresh_id), self.datastore,
+                                           self.neighbours.layout, self.rcfg.search.hops, refresh_id, step, swap_step)
         self.record["refresh_pending"] = {"id": refresh_id, "step": step, "swap_step": swap_step,
                                           "folder": self._folder_name(refresh_id)}
 
     def _swap_in_pending(self) -> dict[str, Any]:
         t_wait = time.perf_counter()
+        if self.world.size > 1:  # rank 0's refresh is written before any rank reads it
+            if self.world.main:
+                self.pending.result()
+            parallel.barrier()
         new = self.pending.result()  # waits only if the background refresh is not done yet
         refreshed = self.swap_in(new, self.pending.refresh_id, self.pending.step)
         refreshed["refresh_seconds"] = time.perf_counter() - t_wait
@@ -370,13 +431,17 @@ class Trainer:
 
 
 def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: bool = False,
-          on_step: Callable[[dict[str, Any]], None] | None = None, device: str = "cpu",
+          on_step: Callable[[dict[str, Any]], None] | None = None, device: str | None = None,
           init_from: str | Path | None = None) -> TrainResult:
     """Train (or resume) the run in ``run_dir``; ``on_step`` receives each step's metrics for a progress bar.
     ``init_from``: a run whose decoder weights a new run starts from (see init.py)."""
-    board = TensorBoard.open(run_dir, config.train.tensorboard)  # None unless train.tensorboard
+    main = parallel.launched().main  # under several ranks, rank 0 alone writes TensorBoard files and curves
+    board = TensorBoard.open(run_dir, config.train.tensorboard and main)  # None unless train.tensorboard
     trainer = Trainer(run_dir, datastore, config, board.hook(on_step) if board else on_step, device)
     if init_from is not None and not resume:
+        if parallel.is_sharded(trainer.model):
+            raise ValueError("--init-from loads a whole decoder: start the run with train.parallel=ddp (or one "
+                             "process), then resume it under fsdp")
         load_decoder(trainer.model, init_from)
         trainer.record["init_from"] = str(Path(init_from).resolve())
     trainer.start(resume)
@@ -385,5 +450,6 @@ def train(run_dir: str | Path, datastore: Datastore, config: Config, resume: boo
     finally:
         if board:
             board.close()
-    write_curves(run_dir)  # RUN/curves.png (a failure to draw is logged, never raised)
+    if main:
+        write_curves(run_dir)  # RUN/curves.png (a failure to draw is logged, never raised)
     return result

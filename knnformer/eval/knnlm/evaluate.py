@@ -1,5 +1,7 @@
 """kNN-LM's evaluation of a run: build or reuse the store of train keys, compute the queries' hidden states and LM
-log-probabilities, search them once with the largest k, tune on tokens that are not scored, and score.
+log-probabilities, search a sample of the tuning tokens with the largest k, tune on them, search the scored tokens
+at the tuned k (``schedule``), and score. Every stage reports progress with an estimate of the time left, and keys,
+queries, indexes and searched batches are kept in ``RUN/knnlm`` so a killed evaluation resumes.
 
 Leakage and tuning: queries from valid or test search the train keys only. lambda, k and the temperature are
 tuned on tokens that are not scored (then lambda and k once more per bin of the nearest key's distance; the JSON
@@ -22,12 +24,12 @@ import numpy as np
 import torch
 
 from knnformer.data.datastore import Datastore
-from knnformer.eval.knnlm.search import DEFAULT_MEMORY_BUDGET, INDEX_KINDS, KeySearch, choose_index_kind, \
-    open_key_search, recall
-from knnformer.eval.knnlm.store import KnnStore, Progress, ProgressFactory, open_or_build_store, \
-    split_hidden_states, store_identity
-from knnformer.eval.knnlm.tune import LAMBDA_BINS, LAMBDAS, interpolate, interpolate_by_distance, knn_logprobs, \
-    tune, tune_by_distance
+from knnformer.eval.knnlm.schedule import DEFAULT_EXACT_SAMPLE, DEFAULT_TUNE_QUERIES, Queries, interpolated, \
+    search_and_tune
+from knnformer.eval.knnlm.search import DEFAULT_MEMORY_BUDGET, DEFAULT_RECALL, INDEX_KINDS
+from knnformer.eval.knnlm.store import KnnStore, Progress, ProgressFactory, open_or_build_queries, \
+    open_or_build_store, store_identity
+from knnformer.eval.knnlm.tune import LAMBDA_BINS, LAMBDAS, tune, tune_by_distance
 from knnformer.eval.overlap import filtered_figures, split_overlaps
 from knnformer.eval.scoring import NeighbourFn, neighbour_fn_for
 from knnformer.io import file_sha256
@@ -48,12 +50,17 @@ class KnnLmSettings:
     retrieval: str = "auto"
     k_max: int = DEFAULT_K_MAX
     index: str = "auto"
-    nprobe: int = 8
+    nprobe: int | None = None
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     lam: float | None = None
     k: int | None = None
     temperature: float | None = None
     force: bool = False
+    max_keys: int | None = None
+    refine: int | None = None
+    recall_target: float = DEFAULT_RECALL
+    tune_queries: int = DEFAULT_TUNE_QUERIES
+    exact_sample: int = DEFAULT_EXACT_SAMPLE
     databases: tuple[str, ...] = ()
     """Retrieval databases whose text the keys are computed from instead of the train split's (``database.py``)."""
 
@@ -70,6 +77,14 @@ class KnnLmSettings:
             raise ValueError(f"kNN-LM temperature must be positive, got {self.temperature}")
         if self.index not in INDEX_KINDS:
             raise ValueError(f"unknown kNN-LM index {self.index!r}; pick one of {', '.join(INDEX_KINDS)}")
+        if self.max_keys is not None and self.max_keys < 1:
+            raise ValueError(f"--knn-max-keys must be at least 1, got {self.max_keys}")
+        if not 0.0 < self.recall_target <= 1.0:
+            raise ValueError(f"--knn-recall must be in (0, 1], got {self.recall_target}")
+        if (self.nprobe is not None and self.nprobe < 1) or (self.refine is not None and self.refine < 1):
+            raise ValueError("kNN-LM nprobe and refine must be at least 1")
+        if self.memory_budget <= 0:
+            raise ValueError(f"--memory-budget must be positive, got {self.memory_budget}")
 
 
 @dataclass
@@ -92,26 +107,6 @@ class _Run:
 
     def progress(self, total: int, what: str) -> Progress | None:
         return self.progress_factory(total, what) if self.progress_factory else None
-
-
-@dataclass
-class _Queries:
-    """Queries of a run of tokens: hidden states ``h`` (n, D) fp32, LM log-probabilities ``logp`` (n,) and
-    targets ``y`` (n,); once searched, squared distances ``D`` and key ids ``I`` (n, k_max) of their neighbours."""
-
-    h: np.ndarray
-    logp: np.ndarray
-    y: np.ndarray
-    D: np.ndarray | None = None
-    I: np.ndarray | None = None  # noqa: E741 - faiss's name
-
-    def distances(self) -> np.ndarray:
-        """``D`` with inf where no key was found."""
-        return np.where(self.I >= 0, self.D, np.inf)
-
-    def matches(self, values: np.ndarray) -> np.ndarray:
-        """True where a found key's value (``values``: the store's) is the query's target."""
-        return (values[np.maximum(self.I, 0)] == self.y[:, None]) & (self.I >= 0)
 
 
 def figures(nll: float, num_tokens: int, num_bytes: int) -> dict[str, float]:
@@ -152,24 +147,33 @@ def _retrieval_inputs(record: dict, store: Datastore, retrieval: str, run_dir: s
 
 def evaluate_knn_lm(run_dir: str | Path, split: str = "valid", datastore: str | None = None, batch_size: int = 32,
                     progress_factory: ProgressFactory | None = None, retrieval: str = "auto",
-                    k_max: int = DEFAULT_K_MAX, index: str = "auto", nprobe: int = 8,
+                    k_max: int = DEFAULT_K_MAX, index: str = "auto", nprobe: int | None = None,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, lam: float | None = None, k: int | None = None,
                     temperature: float | None = None, force: bool = False, threads: int | None = None,
+                    max_keys: int | None = None, refine: int | None = None, recall_target: float = DEFAULT_RECALL,
+                    tune_queries: int = DEFAULT_TUNE_QUERIES,
+                    exact_sample: int = DEFAULT_EXACT_SAMPLE,
                     databases: list[str] | None = None) -> dict[str, Any]:
     """kNN-LM figures of a run's newest checkpoint on ``split`` (valid or test), beside the LM's own on the
     same tokens. Scoring test: tuned on valid. Scoring valid: tuned on the targets of its first half
     ``valid[:half]``, scored on the second ``valid[half:]``. ``lam``, ``k`` and ``temperature``, when given,
     are fixed instead of tuned. The store in ``RUN/knnlm`` is built or reused (``force`` rebuilds it).
-    ``index``: how the keys are searched (``auto``, ``exact``, ``ivf``, ``ivfpq``; ``nprobe`` lists a query,
-    ``memory_budget`` for ``auto``). ``threads``: torch threads (None: the run's ``train.threads``; 0: torch's
-    default). ``databases``: retrieval databases whose text gives the keys instead of the train split
+    ``index``: how the keys are searched (``auto``, ``exact``, ``ivf``, ``ivfpq``); ``nprobe`` lists a query and
+    ``refine`` x k IVF-PQ candidates re-scored, each chosen (when None) as the fastest to reach ``recall_target``
+    recall@k against exact search on ``exact_sample`` tuning queries; ``memory_budget`` bounds the index (and
+    keeps the fp16 keys in memory for re-scoring when they fit beside it). ``max_keys``: the store of the first
+    that many train positions. ``tune_queries``: at most that many tuning tokens (a seeded sample) are searched
+    with ``k_max`` and tuned on. ``threads``: torch threads (None: the run's ``train.threads``; 0: torch's
+    default).
+    ``databases``: retrieval databases whose text gives the keys instead of the train split
     (``knnlm/database.py``; the hidden states are then the plain LM's, retrieval off).
 
-    Memory: the queries' hidden states (tuning and scored tokens, fp32) and their ``k_max`` neighbours'
-    distances and ids; the keys stay memory-mapped, and an ``ivf`` index holds them in fp16."""
+    Memory: the index, the searched neighbours' distances and ids (tuning sample x k_max, scored x the tuned k);
+    keys, queries and searched batches stay memory-mapped in ``RUN/knnlm``."""
     t_start = time.perf_counter()
     settings = KnnLmSettings(split, datastore, batch_size, retrieval, k_max, index, nprobe, memory_budget, lam, k,
-                             temperature, force, tuple(databases or ()))
+                             temperature, force, max_keys, refine, recall_target, tune_queries, exact_sample,
+                             tuple(databases or ()))
     settings.check()
     model, record, ckpt_path = load_run(run_dir)
     if threads is None:
@@ -196,20 +200,24 @@ def _evaluate(run_dir: str | Path, model: Transformer, record: dict, ckpt_path: 
     seconds["store"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tuning, scored, split_info = _queries(run, s)
+    tuning, scored, split_info = _queries(run, s, knn_store)
     if s.lam is not None and s.k is not None and s.temperature is not None:
         split_info["tuned_on"] = None  # all three given
     seconds["queries"] = time.perf_counter() - t0
 
-    search, index_info, k_max = _search(run, s, knn_store, tuning, scored, seconds)
-
-    t0 = time.perf_counter()
     token_bytes = np.asarray(store.tokenizer.token_bytes)
     num_bytes = int(token_bytes[scored.y].sum())
     by_distance = split_info["tuned_on"] is not None and s.lam is None
-    tuned, binned, single, logp = _tune_and_interpolate(s, tuning, scored, knn_store.values, by_distance)
+
+    def tune_fn(tune_q: Queries, progress: Progress | None):
+        return _tune(s, tune_q, knn_store.values, by_distance, progress)
+
+    found = search_and_tune(knn_store, s, tuning, scored, tune_fn, token_bytes, run.progress_factory, seconds)
+    tuned, binned, index_info, k_max = found["tuned"], found["binned"], found["index"], found["k_max"]
+    t0 = time.perf_counter()
+    single, logp = interpolated(tuned, binned, scored, knn_store.values)
     single = figures(float(-single.sum()), len(scored.y), num_bytes)
-    seconds["tuning"] = time.perf_counter() - t0
+    seconds["scoring"] = time.perf_counter() - t0
 
     with_knn = figures(float(-logp.sum()), len(scored.y), num_bytes)
     lm_alone = figures(float(-np.sum(scored.logp)), len(scored.y), num_bytes)
@@ -220,9 +228,6 @@ def _evaluate(run_dir: str | Path, model: Transformer, record: dict, ckpt_path: 
         chunk_neighbours = filter_neighbours(dbs, store, s.split)
     _add_filtered(run, s.split, split_info["scored_targets"][0], scored, logp, token_bytes, with_knn, lm_alone,
                   chunk_neighbours)
-    index_info["recall_at_k"] = round(recall(search, scored.h, tuned["k"]), 4)
-    if search.index is not None:
-        index_info["nprobe"] = s.nprobe
     seconds = {key: round(value, 3) for key, value in seconds.items()}
     return {
         "split": s.split, **split_info,
@@ -233,9 +238,11 @@ def _evaluate(run_dir: str | Path, model: Transformer, record: dict, ckpt_path: 
         "single_lambda": {key: single[key] for key in ("loss", "bits_per_byte")},
         "tuning": {key: tuned[key] for key in ("tokens", "loss", "lm_loss", "lambdas", "ks", "temperatures",
                                                "best_by_k")},
+        "sample_check": found["sample_check"],
         "retrieval": "on" if nb_for else "off",
         "store": {"path": str(knn_store.path), "keys": knn_store.num_keys, "dim": knn_store.dim,
-                  "bytes": knn_store.nbytes(), "reused": reused},
+                  "bytes": knn_store.nbytes(), "reused": reused,
+                  "build_seconds": knn_store.manifest.get("build_seconds")},
         "index": index_info, "k_max": k_max,
         "search_seconds": seconds["search"],
         "seconds": {**seconds, "total": round(time.perf_counter() - t_start, 3)},
@@ -248,9 +255,10 @@ def _train_keys(run: _Run, s: KnnLmSettings, nb_identity: dict | None) -> tuple[
     """The store of train keys, reused or built; and whether it was reused."""
     train_tokens = run.store.require_split("train", 2)
     identity = store_identity(run.record, run.ckpt_path, run.store, nb_identity, run.dtype, run.model.config.context)
-    progress = run.progress(len(train_tokens) - 1, "kNN-LM store (train keys)")
+    total = len(train_tokens) - 1 if s.max_keys is None else min(s.max_keys, len(train_tokens) - 1)
+    progress = run.progress(total, "kNN-LM keys (train)")
     return open_or_build_store(run.run_dir, run.model, identity, train_tokens, s.batch_size, run.dtype,
-                               run.neighbours("train"), progress, s.force)
+                               run.neighbours("train"), progress, s.force, s.max_keys)
 
 
 def _database_keys(run: _Run, s: KnnLmSettings, dbs) -> tuple[KnnStore, bool]:
@@ -260,77 +268,53 @@ def _database_keys(run: _Run, s: KnnLmSettings, dbs) -> tuple[KnnStore, bool]:
     folder, identity, tokens = keys_source(dbs, run.record, run.ckpt_path, run.store, run.dtype,
                                            run.model.config.context, run.run_dir)
     progress = run.progress(len(tokens) - 1, "kNN-LM store (database keys)")
-    return open_or_build_store(folder, run.model, identity, tokens, s.batch_size, run.dtype, None, progress, s.force)
+    return open_or_build_store(folder, run.model, identity, tokens, s.batch_size, run.dtype, None, progress, s.force,
+                               s.max_keys)
 
 
-def _split_queries(run: _Run, s: KnnLmSettings, name: str) -> _Queries:
-    """Hidden states and LM log-probabilities of every target of the split ``name``."""
+def _split_queries(run: _Run, s: KnnLmSettings, name: str, knn_store: KnnStore) -> Queries:
+    """Hidden states and LM log-probabilities of every target of the split ``name`` (memory-mapped in the store,
+    reused and resumed)."""
     tokens = run.store.require_split(name, 4 if name == "valid" and s.split == "valid" else 2)
-    h = np.empty((len(tokens) - 1, run.model.config.dim), dtype=np.float32)
-    logp = split_hidden_states(run.model, tokens, h, s.batch_size, run.dtype,
-                               run.neighbours(name), run.progress(len(tokens) - 1, f"kNN-LM queries ({name})"),
-                               logprobs=True)
-    return _Queries(h, logp, np.asarray(tokens[1:], dtype=np.int64))
+    h, logp, _, identity = open_or_build_queries(knn_store, run.model, name, tokens, knn_store.manifest["identity"],
+                                                 s.batch_size, run.dtype, run.neighbours(name),
+                                                 run.progress(len(tokens) - 1, f"kNN-LM queries ({name})"))
+    source = {"split": name, "tokens_sha256": identity["tokens_sha256"], "rows": [0, len(tokens) - 1]}
+    return Queries(h, np.asarray(logp), np.asarray(tokens[1:], dtype=np.int64), source=source)
 
 
-def _queries(run: _Run, s: KnnLmSettings) -> tuple[_Queries, _Queries, dict[str, Any]]:
+def _queries(run: _Run, s: KnnLmSettings, knn_store: KnnStore) -> tuple[Queries, Queries, dict[str, Any]]:
     """The tuning and the scored queries, and which targets each covers (see the module's docstring)."""
     if s.split == "valid":
-        valid = _split_queries(run, s, "valid")
+        valid = _split_queries(run, s, "valid", knn_store)
         n = len(valid.y)
         half = (n + 1) // 2  # targets are tokens 1 .. N - 1; rows below half - 1 tune
         rows = slice(0, half - 1), slice(half - 1, n)
-        tuning, scored = (_Queries(valid.h[r], valid.logp[r], valid.y[r]) for r in rows)
+        tuning, scored = (Queries(valid.h[r], valid.logp[r], valid.y[r],
+                                  source={**valid.source, "rows": [r.start, r.stop]}) for r in rows)
         return tuning, scored, {"tuned_on": "valid[:half]", "scored": "valid[half:]", "half": half,
                                 "tuned_targets": [1, half], "scored_targets": [half, n + 1]}
-    tuning, scored = _split_queries(run, s, "valid"), _split_queries(run, s, s.split)
+    tuning, scored = _split_queries(run, s, "valid", knn_store), _split_queries(run, s, s.split, knn_store)
     return tuning, scored, {"tuned_on": "valid", "scored": s.split,
                             "tuned_targets": [1, len(tuning.y) + 1], "scored_targets": [1, len(scored.y) + 1]}
 
 
-def _search(run: _Run, s: KnnLmSettings, knn_store: KnnStore, tuning: _Queries, scored: _Queries,
-            seconds: dict[str, float]) -> tuple[KeySearch, dict, int]:
-    """One search of every query with the largest k, filling their ``D`` and ``I``. Returns the search, a note
-    on its index and the k searched."""
-    if s.k is not None and s.k > knn_store.num_keys:
-        raise ValueError(f"kNN-LM k={s.k} is more than the {knn_store.num_keys} keys of the store; lower k")
-    k_max = min(s.k_max, knn_store.num_keys)
-    num_queries = len(tuning.h) + len(scored.h)
-    kind = s.index
-    if kind == "auto":
-        kind = choose_index_kind(knn_store.num_keys, knn_store.dim, num_queries, s.memory_budget)
-    t0 = time.perf_counter()
-    search, index_info = open_key_search(knn_store, kind, s.nprobe, progress_factory=run.progress_factory)
-    seconds["index"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    bar = run.progress(num_queries, "kNN-LM search")
-    tuning.D, tuning.I = search.search(tuning.h, k_max, progress=bar)
-    scored.D, scored.I = search.search(scored.h, k_max, progress=bar)
-    seconds["search"] = time.perf_counter() - t0
-    return search, index_info, k_max
-
-
-def _tune_and_interpolate(s: KnnLmSettings, tuning: _Queries, scored: _Queries, values: np.ndarray,
-                          by_distance: bool) -> tuple[dict, dict | None, torch.Tensor, torch.Tensor]:
-    """Tune on ``tuning`` (what ``s`` fixes stays fixed) and interpolate ``scored``'s log-probabilities. With
-    ``by_distance`` and at least two bins of tuning queries, lambda and k are tuned again per nearest-distance
-    bin. Returns the tuning, the bins (None when not binned), the one-lambda and the final log-probabilities."""
+def _tune(s: KnnLmSettings, tuning: Queries, values: np.ndarray, by_distance: bool,
+          progress: Progress | None = None) -> tuple[dict, dict | None]:
+    """Tune on ``tuning`` (what ``s`` fixes stays fixed). With ``by_distance`` and at least two bins of tuning
+    queries, lambda and k are tuned again per nearest-distance bin. Returns the tuning and the bins (None when
+    not binned)."""
     ks = [s.k] if s.k is not None else None
     temperatures = [s.temperature] if s.temperature is not None else None
     lambdas = [s.lam] if s.lam is not None else LAMBDAS
-    tuned = tune(tuning.logp, tuning.distances(), tuning.matches(values), lambdas, ks, temperatures)
-    knn = knn_logprobs(scored.distances(), scored.matches(values), tuned["temperature"])
-    single = interpolate(scored.logp, knn[:, tuned["k"] - 1], tuned["lambda"])
+    tuned = tune(tuning.logp, tuning.distances(), tuning.matches(values), lambdas, ks, temperatures, progress)
     bins = min(LAMBDA_BINS, len(tuning.y) // 1000) if by_distance else 1
     if bins <= 1:
-        return tuned, None, single, single
-    binned = tune_by_distance(tuning.logp, tuning.distances(), tuning.matches(values), tuned, lambdas, bins)
-    logp = interpolate_by_distance(scored.logp, scored.distances(), scored.matches(values), tuned["temperature"],
-                                   binned)
-    return tuned, binned, single, logp
+        return tuned, None
+    return tuned, tune_by_distance(tuning.logp, tuning.distances(), tuning.matches(values), tuned, lambdas, bins)
 
 
-def _add_filtered(run: _Run, split: str, first: int, scored: _Queries, logp: torch.Tensor, token_bytes: np.ndarray,
+def _add_filtered(run: _Run, split: str, first: int, scored: Queries, logp: torch.Tensor, token_bytes: np.ndarray,
                   with_knn: dict, lm_alone: dict, chunk_neighbours=None) -> None:
     """RETRO's overlap-filtered figures, with the chunks bucketed by the datastore's chunk neighbours (as evaluate
     buckets a plain LM), so a kNN-LM gain can be read beside the part of it that is copying; nothing without
@@ -366,7 +350,13 @@ def format_table(result: dict[str, Any]) -> str:
                                            f"{r['single_lambda']['loss']:.4f}" if r.get("lambda_by_distance") else "")),
             ("kNN-LM store", f"{r['store']['keys']:,} keys x {r['store']['dim']}, "
                              f"{r['store']['bytes'] / 2**20:.0f} MiB ({'reused' if r['store']['reused'] else 'built'})"),
-            ("kNN-LM search", f"{r['index']['kind']}, recall@{r['k']} {r['index']['recall_at_k']:.3f}, "
-                              f"{r['search_seconds']:.1f}s; {r['seconds']['total']:.1f}s in all")]
+            ("kNN-LM search", f"{r['index']['kind']}, recall@{r['k']} {r['index']['recall_at_k']:.3f}"
+                              + (f" (nprobe {r['index']['nprobe']}" + (f", refine {r['index']['refine']}"
+                                 if r['index'].get('refine') else "") + ")" if r['index'].get('nprobe') else "")
+                              + f", {r['search_seconds']:.1f}s; {r['seconds']['total']:.1f}s in all"),
+            *([("kNN-LM vs exact search", f"gain {r['sample_check']['gain_bits_per_byte']:.4f} vs exact "
+                                          f"{r['sample_check']['exact_gain_bits_per_byte']:.4f} bits/byte on "
+                                          f"{r['sample_check']['queries']:,} tuning tokens")]
+              if r.get("sample_check") else [])]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

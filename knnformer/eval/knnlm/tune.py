@@ -84,12 +84,12 @@ def grid_losses(logp_lm: np.ndarray, D: np.ndarray, match: np.ndarray, lambdas, 
 
 
 def tune(logp_lm: np.ndarray, D: np.ndarray, match: np.ndarray, lambdas=LAMBDAS, ks=None,
-         temperatures=None) -> dict[str, Any]:
+         temperatures=None, progress=None) -> dict[str, Any]:
     """The (lambda, k, temperature) with the lowest mean NLL over the queries given: their LM log-probabilities
     (nq,), squared distances (nq, kmax) and target matches (nq, kmax). Every lambda and k of the grids is tried
     at each temperature. Temperatures: those given, or else, as multiples of ``temperature_scale``, 2^i for i in
     -4..4 (extended by factors of 2 past an end while the end is best), then the best refined by factors
-    2^(+-1/2) and 2^(+-1/4)."""
+    2^(+-1/2) and 2^(+-1/4). ``progress(1)`` after each temperature's pass over the grid."""
     if len(logp_lm) == 0:
         raise ValueError("no tokens to tune kNN-LM on")
     ks = list(ks) if ks is not None else k_grid(D.shape[1])
@@ -99,6 +99,8 @@ def tune(logp_lm: np.ndarray, D: np.ndarray, match: np.ndarray, lambdas=LAMBDAS,
         for t in ts:
             if t not in tried:
                 tried[t] = grid_losses(logp_lm, D, match, lambdas, ks, t)
+                if progress is not None:
+                    progress(1)
         return min(tried, key=lambda t: tried[t].min())
 
     if temperatures is not None:
