@@ -30,4 +30,4 @@ exec torchrun \
   --rdzv-backend=c10d \
   --rdzv-endpoint="${RDZV_HOST}:${RDZV_PORT:-29400}" \
   --rdzv-id="${RDZV_ID:-knnformer-$(basename "$RUN")}" \
-  -m knnformer.cli train "$DATASTORE" --out "$RUN" "$@"
+  -m knnformer train "$DATASTORE" --out "$RUN" "$@"

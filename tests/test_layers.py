@@ -25,6 +25,7 @@ BELOW = {  # layer -> the layers it may import (its own folder always)
     "experiments": {"base", "data", "retrieval", "model", "run", "train", "eval", "serve"},
     "export": {"base", "data", "retrieval", "model", "run", "train"},  # Hugging Face folders from runs, and back
     "cli": {"base", "data", "retrieval", "model", "run", "train", "eval", "serve", "experiments", "export"},
+    "__main__": {"cli"},  # ``python -m knnformer``: the one module above cli, and the only one that may import it
 }
 DISTRIBUTED_HOME = "knnformer.train.parallel"
 

@@ -300,7 +300,7 @@ def launch(nproc: int, argv: list[str], device_name: str = "auto") -> int:
     if nproc > slots:
         raise ValueError(f"--nproc {nproc} is more than the {slots} {what} here")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "knnformer.cli", *argv]
+           "-m", "knnformer", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, slots // nproc)))
     logger.info("starting %s", " ".join(cmd))
