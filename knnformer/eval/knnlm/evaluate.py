@@ -24,11 +24,22 @@ import numpy as np
 import torch
 
 from knnformer.data.datastore import Datastore
-from knnformer.eval.knnlm.schedule import DEFAULT_EXACT_SAMPLE, DEFAULT_TUNE_QUERIES, Queries, interpolated, \
-    search_and_tune
+from knnformer.eval.knnlm.schedule import (
+    DEFAULT_EXACT_SAMPLE,
+    DEFAULT_TUNE_QUERIES,
+    Queries,
+    interpolated,
+    search_and_tune,
+)
 from knnformer.eval.knnlm.search import DEFAULT_MEMORY_BUDGET, DEFAULT_RECALL, INDEX_KINDS
-from knnformer.eval.knnlm.store import KnnStore, Progress, ProgressFactory, open_or_build_queries, \
-    open_or_build_store, store_identity
+from knnformer.eval.knnlm.store import (
+    KnnStore,
+    Progress,
+    ProgressFactory,
+    open_or_build_queries,
+    open_or_build_store,
+    store_identity,
+)
 from knnformer.eval.knnlm.tune import LAMBDA_BINS, LAMBDAS, tune, tune_by_distance
 from knnformer.eval.overlap import filtered_figures, split_overlaps
 from knnformer.eval.scoring import NeighbourFn, neighbour_fn_for
