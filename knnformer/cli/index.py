@@ -87,7 +87,7 @@ def cmd_index(args) -> int:
                                   chunk_size=args.chunk_size, exclude_window=args.exclude_window,
                                   memory_budget=int(args.memory_budget * (1 << 30)),
                                   force=args.force and parallel.launched().size == 1,  # the ranks just embedded
-                                  progress=bars, hops=args.hops, device=device)
+                                  progress=bars, hops=args.hops, device=device, shards=args.shards)
     finally:
         bars.close()
     print(f"indexed {args.datastore}")
@@ -134,6 +134,9 @@ def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                         f"context plus one chunk (default {DEFAULT_EXCLUDE_WINDOW})")
     s.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET / (1 << 30),
                    help="GiB the index may take; auto picks a smaller index kind above it (default 2)")
+    s.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="write the index as N faiss files over contiguous ranges of the train chunks, searched "
+                        "with a merge by score (one shard in memory while building; default 1: one index.faiss)")
     s.add_argument("--hops", type=int, default=1, choices=[1, 2],
                    help="2: also the second hop's neighbours, searched with each chunk joined with its first "
                         "neighbour (for retrieval.search.hops=2; see knnformer/hops.py)")
