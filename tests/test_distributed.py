@@ -185,6 +185,7 @@ def test_an_expert_parallel_run_takes_the_one_process_losses_and_resumes_at_1_an
     weights = load_file(latest_checkpoint(tmp_path / "ep") / "model.safetensors")
     experts = [v for k, v in weights.items() if k.endswith("experts_gate_up")]
     assert experts and all(v.shape[0] == 4 for v in experts)  # gathered from both ranks
+    cli("evaluate", str(tmp_path / "ep"))  # one process reads the whole experts
     for ranks in (1, 2):
         run = tmp_path / f"resume{ranks}"
         shutil.copytree(tmp_path / "ep", run)

@@ -118,6 +118,9 @@ class Trainer:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self._setup_data()
+        if self.world.size > 1 and self.schedule and self.mcfg.ffn == "moe" and self.mcfg.moe.expert_parallel:
+            raise ValueError("retrieval.refresh (a learned retriever's re-indexing) runs the whole model on rank 0: "
+                             "train it without model.moe.expert_parallel")
         if self.world.size > 1 and self.schedule and self.cfg.parallel == "fsdp":
             raise ValueError("retrieval.refresh (a learned retriever's re-indexing) reads whole weights: train it "
                              "with train.parallel=ddp or one process")
