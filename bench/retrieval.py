@@ -115,9 +115,9 @@ def train_and_evaluate(store, run: Path, preset: str, sets: list[str], splits: l
 
 def retrieval_latency(store, run: Path, chunks: int = 20) -> float:
     """Median milliseconds of one retrieval (embed + search) per generated chunk."""
+    from knnformer.retrieval.live import open_retriever
     from knnformer.run.record import load_run
     from knnformer.serve.generate import RetrievingGenerator
-    from knnformer.retrieval.live import open_retriever
 
     model, record, _ = load_run(run)
     gen = RetrievingGenerator(model, open_retriever(store), 2)

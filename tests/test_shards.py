@@ -59,6 +59,10 @@ def test_index_with_shards_gives_the_single_index_neighbours_and_every_reader_op
     ra, rb = open_retriever(one).search(texts, 5), open_retriever(three).search(texts, 5)
     assert_same_up_to_ties(ra.I, ra.D, rb.I, rb.D)
     assert all(ok for ok, _ in verify_datastore(three))
+    assert main([*args, str(three), "--shards", "2", "--no-neighbours"]) == 0  # an index alone (a database)
+    assert read_retrieval_manifest(three)["index"]["shards"] == 2 and len(open_index(Datastore_open(three)).shards) == 2
+    rc = open_retriever(three).search(texts, 5)
+    assert_same_up_to_ties(ra.I, ra.D, rc.I, rc.D)
     assert main([*args, str(three), "--force"]) == 0  # back to one file: the shards go
     assert not (three / "index.shards").exists() and (three / "index.faiss").is_file()
     with pytest.raises(ValueError, match="bm25"):

@@ -29,7 +29,16 @@ def cmd_evaluate(args) -> int:
         return bars[-1].update
 
     try:
-        if args.knn_lm:
+        if args.retrieval_db:
+            from knnformer.eval.database import evaluate_database
+            from knnformer.eval.database import format_table as database_table
+
+            if args.knn_lm:
+                raise ValueError("with --retrieval-db, pick the way to read it with --mode knn-lm, not --knn-lm")
+            result = evaluate_database(args.run, args.retrieval_db, args.mode, args.split, args.datastore,
+                                       args.batch_size, factory, args.neighbours, args.stride)
+            table = database_table(result)
+        elif args.knn_lm:
             from knnformer.eval import knnlm
 
             if args.stride:
@@ -89,6 +98,15 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     s.add_argument("--neighbour-gain", type=int, default=8, metavar="N",
                    help="measure how much each neighbour lowered the loss of the chunk it served on N windows "
                         "(one extra forward per neighbour and chunk; 0: skip; default 8)")
+    s.add_argument("--retrieval-db", action="extend", nargs="+", default=[], metavar="DB",
+                   help="retrieval databases (datastores prepared with --tokenizer-from RUN and indexed) to read "
+                        "instead of the run's own; several are searched as one; copies of held-out documents are "
+                        "excluded, with the count printed")
+    s.add_argument("--mode", choices=["auto", "cca", "knn-lm", "in-context"], default="auto",
+                   help="how the run reads --retrieval-db: RETRO's cross-attention (a RETRO run), kNN-LM or the "
+                        "neighbours' text in context (any run); auto: cca for a RETRO run, else knn-lm")
+    s.add_argument("--neighbours", type=int, default=1, metavar="N",
+                   help="--mode in-context: neighbours placed before each window (default 1)")
     s.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default cpu; not with --knn-lm, "
                    "which scores on the CPU)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from knnformer.cli.values import check_generate_args
 from knnformer.run.record import run_retrieval
@@ -31,7 +32,8 @@ def print_neighbours(chunks: list[dict], latency: list[float]) -> None:
         print(f"chunk {c['chunk']}: {c['text']!r}")
         for j, n in enumerate(c["neighbours"], 1):
             snippet = n["text"].replace("\n", "\\n")[:60]
-            print(f"   [{j}] {n['doc_id']} @ byte {n['byte_offset']:,} (score {n['score']:.3f}): {snippet}")
+            where = f"{Path(n['database']).name}:" if n.get("database") else ""
+            print(f"   [{j}] {where}{n['doc_id']} @ byte {n['byte_offset']:,} (score {n['score']:.3f}): {snippet}")
         if not c["neighbours"]:
             print("   (none: the first chunk of the text has nothing before it)")
 
@@ -48,7 +50,12 @@ def cmd_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else ""
     ids = prompt_ids(tokenizer, prompt, model.config.context)
     retrieving = None
-    if run_retrieval(record).enabled and args.retrieval != "off" or args.show_neighbours or args.json:
+    if args.retrieval_db:
+        retrieving = RetrievingGenerator.for_databases(model, store, args.run, record, args.retrieval_db,
+                                                       args.retrieval, args.mode, args.k)
+        new_ids = retrieving.sample(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                                    tokenizer.eot_id)
+    elif run_retrieval(record).enabled and args.retrieval != "off" or args.show_neighbours or args.json:
         retrieving = RetrievingGenerator.for_run(model, store, args.run, record, args.retrieval, args.k)
         new_ids = retrieving.sample(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                     tokenizer.eot_id)
@@ -75,7 +82,8 @@ def cmd_generate(args) -> int:
         chunks = retrieving.provenance(ids + generated, len(ids))
         latency = sorted(retrieving.latencies_ms)
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": text, "retrieval": retrieving.feed_model,
+            print(json.dumps({"prompt": prompt, "text": text,
+                              "retrieval": retrieving.feed_model or retrieving.in_context,
                               "chunks": chunks, "retrievals": len(latency),
                               "retrieval_ms_median": latency[len(latency) // 2] if latency else None}, indent=2))
         else:
@@ -99,7 +107,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                    help="a retrieval run retrieves at every chunk boundary unless this is off")
     s.add_argument("--show-neighbours", action="store_true",
                    help="after the text, list the neighbours (document, offset, score, snippet) of every chunk")
-    s.add_argument("--k", type=int, default=2, help="neighbours to show for a plain LM (default 2)")
+    s.add_argument("--k", type=int, default=2,
+                   help="neighbours to show for a plain LM, or to place in context with --mode in-context (default 2)")
+    s.add_argument("--retrieval-db", action="extend", nargs="+", default=[], metavar="DB",
+                   help="retrieval databases (prepared with --tokenizer-from RUN and indexed) to retrieve from "
+                        "instead of the run's datastore; several are searched as one")
+    s.add_argument("--mode", choices=["auto", "cca", "in-context"], default="auto",
+                   help="how the run reads --retrieval-db: cross-attention (a RETRO run) or the neighbours' text "
+                        "before the window (any run); auto: cca for a RETRO run, else in-context")
     s.add_argument("--json", action="store_true", help="print the text and its neighbours as one JSON object")
     s.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default cpu)")
     s.set_defaults(func=cmd_generate)

@@ -35,9 +35,10 @@ class _Bars:
 
 
 def format_summary(path: str, section: dict, seconds: float) -> str:
-    chunks, index, nb = section["chunks"], section["index"], section["neighbours"]
+    chunks, index, nb = section["chunks"], section["index"], section.get("neighbours")
     split = ", ".join(f"{name} {hi - lo:,}" for name, (lo, hi) in chunks["split_chunks"].items())
-    rules = f"window +-{nb['exclude_window']} tokens" + (", own documents" if nb["exclude_same_document"] else "")
+    rules = "" if nb is None else (f"window +-{nb['exclude_window']} tokens"
+                                   + (", own documents" if nb["exclude_same_document"] else ""))
     emb = section.get("embeddings", {})
     rows = [
         ("datastore", path),
@@ -48,7 +49,8 @@ def format_summary(path: str, section: dict, seconds: float) -> str:
                    f"{index['bytes_per_chunk']:,.0f} bytes/chunk, built in {index['build_seconds']:.1f}s")),
         ("recall@10", f"{index['recall_at_10']:.4f}" + (f" vs exact on {index['recall_queries']:,} queries"
                                                          if index["recall_queries"] else " (exact search)")),
-        ("neighbours", f"k={nb['k']} per chunk in {nb['seconds']:.1f}s; excluded: {rules}"
+        ("neighbours", "not computed (--no-neighbours: a retrieval database)" if nb is None else
+                       f"k={nb['k']} per chunk in {nb['seconds']:.1f}s; excluded: {rules}"
                        + (f"; {nb['num_short_rows']:,} chunks short of k" if nb["num_short_rows"] else "")),
         *([("second hop", f"in {section['neighbours_hop2']['seconds']:.1f}s; "
                           f"{section['neighbours_hop2']['merge']}")] if "neighbours_hop2" in section else []),
@@ -87,7 +89,8 @@ def cmd_index(args) -> int:
                                   chunk_size=args.chunk_size, exclude_window=args.exclude_window,
                                   memory_budget=int(args.memory_budget * (1 << 30)),
                                   force=args.force and parallel.launched().size == 1,  # the ranks just embedded
-                                  progress=bars, hops=args.hops, device=device, shards=args.shards)
+                                  progress=bars, hops=args.hops, device=device,
+                                  neighbours=not args.no_neighbours, shards=args.shards)
     finally:
         bars.close()
     print(f"indexed {args.datastore}")
@@ -140,6 +143,9 @@ def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--hops", type=int, default=1, choices=[1, 2],
                    help="2: also the second hop's neighbours, searched with each chunk joined with its first "
                         "neighbour (for retrieval.search.hops=2; see knnformer/hops.py)")
+    s.add_argument("--no-neighbours", action="store_true",
+                   help="build the index alone, for a retrieval database (--retrieval-db searches it live); "
+                        "training on this datastore needs its neighbours")
     s.add_argument("--force", action="store_true", help="recompute the embeddings even if the manifest says they match")
     s.add_argument("--device", default=None, help="where a model embedder runs: auto, cpu, cuda, cuda:N, mps "
                    "(default cpu; faiss stays on the CPU)")

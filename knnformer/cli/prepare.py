@@ -21,12 +21,29 @@ def split_documents(docs: list, args) -> list:
         docs = apply_split_file(docs, read_split_file(args.split_file))
     else:
         single = len(docs) == 1
-        valid = args.valid_fraction if args.valid_fraction is not None else (0.1 if single else 0.05)
-        test = args.test_fraction if args.test_fraction is not None else (0.0 if single else 0.05)
+        db = getattr(args, "tokenizer_from", None) is not None  # a retrieval database: every document retrievable
+        valid = args.valid_fraction if args.valid_fraction is not None else (0.0 if db else 0.1 if single else 0.05)
+        test = args.test_fraction if args.test_fraction is not None else (0.0 if db or single else 0.05)
         docs = assign_splits(docs, valid, test)
     if not any(d.split == "train" for d in docs):
         raise ValueError("the train split is empty; lower --valid-fraction/--test-fraction or check --split-file")
     return docs
+
+
+def tokenizer_from(source: str):
+    """The tokenizer of a trained run (its datastore's, checked against the run record) or of a datastore."""
+    from knnformer.data.datastore import Datastore
+
+    path = Path(source)
+    if (path / "manifest.json").is_file():
+        return Datastore.open(path).tokenizer
+    if not (path / "checkpoints").is_dir():
+        raise ValueError(f"--tokenizer-from {source} is neither a run (no checkpoints/) nor a datastore "
+                         f"(no manifest.json)")
+    from knnformer.run.record import load_run, open_run_datastore
+
+    _, record, _ = load_run(path)
+    return open_run_datastore(record).tokenizer
 
 
 def cmd_prepare(args) -> int:
@@ -48,9 +65,13 @@ def cmd_prepare(args) -> int:
             f"(e.g. {report.examples[0]}); pass --strict to refuse them instead")
     docs = split_documents(docs, args)
     if not args.quiet:
-        say(f"read {len(docs):,} documents; training the {args.tokenizer} tokenizer" if args.tokenizer == "bpe"
+        say(f"read {len(docs):,} documents; tokenizer of {args.tokenizer_from}" if args.tokenizer_from else
+            f"read {len(docs):,} documents; training the {args.tokenizer} tokenizer" if args.tokenizer == "bpe"
             else f"read {len(docs):,} documents")
-    tokenizer = build_tokenizer(docs, args.tokenizer, args.vocab_size)
+    if args.tokenizer_from:
+        tokenizer = tokenizer_from(args.tokenizer_from)
+    else:
+        tokenizer = build_tokenizer(docs, args.tokenizer, args.vocab_size)
     with tqdm(total=len(docs), unit="doc", desc="tokenizing", disable=args.quiet) as bar:
         write_datastore(out, docs, tokenizer, [str(Path(c).resolve()) for c in args.corpus], args.force, bar.update)
     store = Datastore.open(out)
@@ -72,6 +93,10 @@ def add_prepare_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     s.add_argument("--id-field", default="id", help="JSONL field holding a record's id (default: id)")
     s.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bytes")
     s.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    s.add_argument("--tokenizer-from", default=None, metavar="RUN",
+                   help="use a trained run's (or a datastore's) tokenizer instead of training one, e.g. for a "
+                        "retrieval database (--retrieval-db); then every document goes to train unless "
+                        "--valid-fraction/--test-fraction say otherwise")
     s.add_argument("--split-file", default=None, help="TSV/CSV with a file column and a split column")
     s.add_argument("--valid-fraction", type=float, default=None,
                    help="share of documents in valid (default 0.05; 0.1 by position for a single document)")

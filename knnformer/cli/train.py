@@ -32,6 +32,9 @@ def resolve_train_config(args, store, run_dir: Path):
     config = load_config(args.config, args.set or [])
     if args.init_from:
         config.model = init_model_config(args, store)
+    if args.retrieval_db:  # RETRO trained against retrieval databases instead of the datastore's own neighbours
+        config.retrieval.enabled = True
+        config.retrieval.search.databases = ",".join(str(Path(p).resolve()) for p in args.retrieval_db)
     vocab = store.tokenizer.vocab_size
     if config.model.vocab_size == 0:
         config.model.vocab_size = vocab
@@ -175,5 +178,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--init-from", metavar="RUN", default=None,
                    help="start a new run from RUN's decoder (its model section and weights; retrieval layers, if "
                         "enabled, start fresh): a run trained here or one made by `knnformer import-hf`")
+    s.add_argument("--retrieval-db", action="extend", nargs="+", default=[], metavar="DB",
+                   help="train RETRO against retrieval databases (prepared with the datastore's tokenizer and "
+                        "indexed) instead of the datastore's own neighbours; sets retrieval.enabled and "
+                        "retrieval.search.databases")
     s.set_defaults(func=cmd_train)
     return s

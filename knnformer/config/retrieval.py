@@ -134,6 +134,10 @@ class SearchConfig:
     """1: each chunk's neighbours are those of its own text. 2: multi-hop retrieval: a second search whose query
     is the chunk joined with its first-hop top neighbour; the chunk gets that neighbour, then the second hop's
     results (hops.py). Needs ``knnformer index --hops 2`` (a learned retriever's refreshes compute both hops)."""
+    databases: str = ""
+    """Retrieval databases (comma-separated datastore paths, ``retrieval/database.py``) searched instead of the
+    datastore's own train chunks, in training and by default at evaluation and generation (``--retrieval-db``);
+    empty: the datastore's own precomputed neighbours."""
 
 
 @dataclass

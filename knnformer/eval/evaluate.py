@@ -42,12 +42,15 @@ def summarize(total: dict[str, Any], split: str, stride: int, context: int) -> d
 
 def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None = None, datastore: str | None = None,
                  batch_size: int = 32, progress_factory=None, retrieval: str = "auto",
-                 gain_windows: int = DEFAULT_GAIN_WINDOWS, device: str = "cpu") -> dict[str, Any]:
+                 gain_windows: int = DEFAULT_GAIN_WINDOWS, device: str = "cpu",
+                 databases: list[str] | None = None) -> dict[str, Any]:
     """Score a split. ``retrieval``: ``on`` (the run must be a retrieval model), ``off`` (run as a plain LM) or
     ``auto`` (on for a retrieval run). With retrieval on, the figures with retrieval off come along, and with
     any neighbours in the datastore, RETRO's overlap-filtered bits per byte. With retrieval on and
     ``gain_windows`` > 0, ``neighbour_gain`` says what each served neighbour was worth (see ``neighbour_gain``);
-    for a run with a learned retriever, ``refreshes`` lists each refresh's index recall."""
+    for a run with a learned retriever, ``refreshes`` lists each refresh's index recall. With ``databases``
+    (paths of retrieval databases, ``retrieval/database.py``) a RETRO run reads its neighbours from them instead
+    of its own datastore (RETRO's cross-attention over text it was not trained on), leakage-filtered."""
     from knnformer.run.vectors import frozen_vectors
 
     model, record, ckpt_path = load_run(run_dir, device)
@@ -62,7 +65,12 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     context = model.config.context
     tokens = store.require_split(split, 2)
     stride = stride or context
-    neighbours = run_neighbours(record, store, required=use_retrieval, run_dir=run_dir)
+    if not databases and rcfg.enabled and use_retrieval and rcfg.search.databases:
+        databases = rcfg.search.databases.split(",")  # the databases the run trained against
+    if databases:
+        neighbours = cca_database_neighbours(record, store, databases, split, use_retrieval, run_dir)
+    else:
+        neighbours = run_neighbours(record, store, required=use_retrieval, run_dir=run_dir)
     k = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else min(2, neighbours.k if neighbours else 2)
     continuation = rcfg.continuation
     past = rcfg.enabled and "past" in rcfg.search.sources
@@ -100,7 +108,7 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
             result["retrieval_off"] = {key: figures[key] for key in ("loss", "bits_per_byte", "filtered")
                                        if key in figures}
     meter.close()
-    if use_retrieval:
+    if use_retrieval and not databases:
         hop = second_hop(model, record, store, run_dir, tokens, split, stride, batch_size, neighbour_fn,
                          result["bits_per_byte"])
         if hop is not None:
@@ -117,7 +125,27 @@ def evaluate_run(run_dir: str | Path, split: str = "valid", stride: int | None =
     result["step"] = int(Path(ckpt_path).name.split("-")[1])
     if neighbours is not None:
         result["neighbours"] = {"embedder": neighbours.info["embedder"], "k": k, "chunk_size": neighbours.chunk_size}
+    if databases:
+        result["database"] = {key: neighbours.info[key] for key in ("databases", "excluded")}
     return result
+
+
+def cca_database_neighbours(record: dict, store, databases: list[str], split: str, use_retrieval: bool,
+                            run_dir: str | Path):
+    """The neighbours a RETRO run reads from retrieval ``databases`` for every chunk of ``split`` (refused, with
+    the reason, for a plain LM, with retrieval off, or for what a database cannot serve)."""
+    from knnformer.retrieval.database import database_neighbours, open_databases
+
+    rcfg = run_retrieval(record)
+    if not use_retrieval:
+        raise ValueError(f"--mode cca reads the databases through RETRO's cross-attention, and {run_dir} "
+                         f"{'evaluates with --retrieval off' if rcfg.enabled else 'was trained without retrieval'}; "
+                         f"use --mode knn-lm or --mode in-context")
+    if rcfg.retriever.kind == "learned" or "past" in rcfg.search.sources or rcfg.search.hops != 1:
+        raise ValueError("--retrieval-db reads a database through the frozen embedder it was indexed with: one hop, "
+                         "train sources, no learned retriever; this run was trained otherwise")
+    dbs = open_databases(databases, store.manifest["tokenizer"]["fingerprint"], rcfg.chunk_size, f"run {run_dir}")
+    return database_neighbours(dbs, store, (split,), rcfg.eval_neighbours or rcfg.num_neighbours)
 
 
 def second_hop(model, record: dict, store, run_dir: str | Path, tokens: np.ndarray, split: str, stride: int,

@@ -57,18 +57,24 @@ ExactSearch = Callable[[np.ndarray, np.ndarray, np.ndarray, int], SearchResult]
 def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: str = "auto", k: int = DEFAULT_K,
                     chunk_size: int = DEFAULT_CHUNK_SIZE, exclude_window: int = DEFAULT_EXCLUDE_WINDOW,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, force: bool = False, seed: int = 0,
-                    progress: Progress = _no_progress, hops: int = 1, device: str = "cpu", shards: int = 1) -> dict:
+                    progress: Progress = _no_progress, hops: int = 1, device: str = "cpu",
+                    neighbours: bool = True, shards: int = 1) -> dict:
     """Chunk, embed, index and precompute neighbours for the datastore at ``path``; returns the manifest's
     ``retrieval`` section. Embeddings are reused when the manifest matches (``force`` recomputes them). With
-    ``hops=2`` the second hop's neighbours are computed too and written beside the first's (see hops.py). With
+    ``hops=2`` the second hop's neighbours are computed too and written beside the first's (see hops.py).
+    ``neighbours=False`` builds the index alone (a retrieval database, searched live: ``database.py``). With
     ``shards`` > 1 the dense index is written as that many per-range faiss files (``index.shards/``, shards.py)."""
     store = Datastore.open(path)
     layout = chunk_layout(store, chunk_size)
-    _check_arguments(store, layout, index, k, exclude_window, hops)
+    _check_arguments(store, layout, index, k if neighbours else 1, exclude_window, hops)
     emb = make_embedder(embedder, device)
     if shards < 1 or (shards > 1 and emb.sparse):
         raise ValueError(f"--shards {shards}: " + ("must be at least 1" if shards < 1 else
                                                    f"{embedder} has its own exact bm25 index, which is not sharded"))
+    if not neighbours:
+        if hops != 1:
+            raise ValueError("--hops 2 computes neighbours; drop --no-neighbours")
+        return _index_only(store, layout, emb, index, memory_budget, force, seed, progress, shards)
     single = int(store.manifest["splits"]["train"]["documents"]) <= 1
     if emb.sparse:
         found, search_hop2, exact_hop2 = _bm25_neighbours(store, layout, index, k, exclude_window, not single, progress)
@@ -108,6 +114,48 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
                                 "sha256": sums[HOP2_FILE],
                                 "merge": "first hop's top neighbour, then the second hop's results",
                                 "num_short_rows": hop2[2], "seconds": round(hop2_s, 3)}} if hop2 else {}),
+    })
+
+
+def _index_only(store: Datastore, layout: ChunkLayout, emb, index: str, memory_budget: int, force: bool, seed: int,
+                progress: Progress, shards: int = 1) -> dict:
+    """The index over the train chunks and its manifest entry, without anyone's neighbours (the manifest's
+    ``neighbours`` entries are dropped: they would describe another index)."""
+    from knnformer.retrieval.index import build_dense_index, measure_recall
+
+    t0 = time.perf_counter()
+    if emb.sparse:
+        if index not in ("auto", "flat"):
+            raise ValueError(f"--index {index} is for dense embedders; bm25 has its own exact index (use --index auto)")
+        built, kind, recall, queries = BM25Index.build(chunk_texts(store, layout, np.arange(layout.num_train))), \
+            "bm25", 1.0, 0
+        progress("indexing", layout.num_train)(layout.num_train)
+    else:
+        vectors, _ = chunks_to_embeddings(store, layout, emb, force, progress=progress("embedding", layout.num_chunks))
+        kind = choose_index_kind(layout.num_train, emb.dim, memory_budget) if index == "auto" else index
+        if shards > 1:  # per-range files, searched with a merge by score (shards.py)
+            from knnformer.retrieval.shards import ShardedIndex
+
+            built = ShardedIndex.build(vectors[: layout.num_train], kind, shards,
+                                       tmp_path(store.path / SHARDED_INDEX_DIR), seed,
+                                       progress("indexing", layout.num_train))
+        else:
+            built = build_dense_index(vectors[: layout.num_train], kind, seed, progress("indexing", layout.num_train))
+        recall, queries = measure_recall(built, vectors[: layout.num_train], vectors, seed=seed)
+    build_s = time.perf_counter() - t0
+    found = DenseNeighbours(built, kind, None, None, 0, float(recall), queries, build_s, 0.0)
+    index_file = BM25_INDEX_DIR if emb.sparse else SHARDED_INDEX_DIR if shards > 1 else DENSE_INDEX_FILE
+    staged = _stage_files(store.path, emb.sparse, found, None, index_file)
+    update_retrieval_manifest(store.path, drop=("index", "neighbours", "neighbours_hop2"))
+    _swap_in(store.path, emb.sparse, staged, index_file)
+    return update_retrieval_manifest(store.path, {
+        "chunks": layout.describe(),
+        "index": {"embedder": emb.name, "embedder_fingerprint": emb.fingerprint(),
+                  "tokenizer_fingerprint": store.manifest["tokenizer"]["fingerprint"], "chunk_size": layout.chunk_size,
+                  "kind": kind, "file": index_file, "dim": emb.dim, "num_vectors": layout.num_train,
+                  "recall_at_10": round(float(recall), 4), "recall_queries": queries, "build_seconds": round(build_s, 3),
+                  "bytes_per_chunk": round(path_size(store.path / index_file) / layout.num_train, 1),
+                  "memory_budget": memory_budget, **({"shards": shards} if shards > 1 else {})},
     })
 
 
@@ -182,7 +230,7 @@ def _stage_files(folder: Path, sparse: bool, found: DenseNeighbours,
                  hop2: tuple[np.ndarray, np.ndarray, int] | None, index_file: str | None = None) -> dict[str, Path]:
     """Write the index and the neighbour arrays beside their final names in ``folder`` as temporaries
     (``.NAME.tmp-PID``, which the next writer removes if this process dies); returns ``{final name: temporary}``."""
-    arrays = {NEIGHBOURS_FILE: found.ids, SCORES_FILE: found.scores}
+    arrays = {} if found.ids is None else {NEIGHBOURS_FILE: found.ids, SCORES_FILE: found.scores}
     if hop2 is not None:
         arrays.update({HOP2_FILE: hop2[0], HOP2_SCORES_FILE: hop2[1]})
     index_file = index_file or (BM25_INDEX_DIR if sparse else DENSE_INDEX_FILE)

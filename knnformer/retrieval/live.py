@@ -55,6 +55,20 @@ class Retriever:
     hops: int = 1
     """1, or 2 for a run trained with ``retrieval.search.hops=2`` (see ``neighbours``)."""
 
+    @property
+    def chunk_size(self) -> int:
+        return self.layout.chunk_size
+
+    @property
+    def tokenizer(self):
+        return self.store.tokenizer
+
+    def source(self, chunk_id: int) -> dict:
+        """Provenance of one train chunk: document, offsets and text."""
+        from knnformer.data.chunks import provenance
+
+        return provenance(self.store, self.layout, int(chunk_id)).to_dict()
+
     def search(self, texts: list[str], k: int) -> SearchResult:
         """The ``k`` nearest train chunks of each text."""
         return self.index.search(texts if self.embedder.sparse else self.embedder.embed(texts), k)

@@ -174,6 +174,16 @@ class Neighbours:
         return self.for_chunks(self.window_chunk_ids(split, starts, length, previous), k, pad_id)
 
 
+def in_context_prefix(tokens: np.ndarray, mask: np.ndarray, k: int) -> list[np.ndarray]:
+    """In-context retrieval's prefix: the real tokens of the first ``k`` neighbours of each row of ``tokens``
+    (N, K, R) with ``mask``, concatenated with the nearest last (next to the text it serves)."""
+    out = []
+    for row_t, row_m in zip(tokens, mask):
+        parts = [row_t[j][row_m[j]] for j in reversed(range(min(k, len(row_t))))]
+        out.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
+    return out
+
+
 def neighbour_tokens(store: Datastore, layout: ChunkLayout, nid: np.ndarray, pad_id: int = 0,
                      cont: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of chunks ``nid`` (any shape, -1 = none) and of their continuations ``cont`` (default: each train

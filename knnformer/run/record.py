@@ -105,6 +105,12 @@ def run_neighbours(record: dict[str, Any], store: Datastore, required: bool, run
     whatever neighbours the datastore has (for the overlap-filtered figures), or None."""
     rcfg = run_retrieval(record)
     hops = hops or rcfg.search.hops
+    if rcfg.enabled and rcfg.search.databases:  # trained against retrieval databases: read them again
+        from knnformer.retrieval.database import database_neighbours, open_databases
+
+        dbs = open_databases(rcfg.search.databases.split(","), store.manifest["tokenizer"]["fingerprint"],
+                             rcfg.chunk_size, f"run {run_dir or ''}".strip())
+        return database_neighbours(dbs, store, ("train", "valid", "test"), rcfg.eval_neighbours or rcfg.num_neighbours)
     refresh = record.get("refresh") or {}
     if rcfg.enabled and refresh.get("id") and run_dir is not None:
         return load_refresh(Path(run_dir) / refresh["folder"], store, chunk_layout(store, rcfg.chunk_size), hops)

@@ -143,11 +143,15 @@ class RetrievingGenerator:
     Every retrieval is kept with its latency, so the caller can show which neighbours served which chunk."""
 
     def __init__(self, model: Transformer, retriever, k: int, continuation: bool = True, feed_model: bool = True,
-                 frozen: tuple | None = None):
+                 frozen: tuple | None = None, in_context: bool = False):
         """``frozen``: for a learned retriever reading the frozen embedder, (that embedder, the datastore's vectors
-        of every chunk): each retrieved chunk's text and neighbours get their vectors for the relevance bias."""
+        of every chunk): each retrieved chunk's text and neighbours get their vectors for the relevance bias.
+        ``retriever``: a datastore's (``live.Retriever``) or retrieval databases (``database.Databases``).
+        ``in_context``: any model reads the neighbours of the last complete chunk as text placed before its window
+        (In-Context RALM) instead of through cross-attention."""
         self.model, self.retriever, self.k = model, retriever, k
-        self.C = retriever.layout.chunk_size
+        self.C = retriever.chunk_size
+        self.in_context = in_context
         self.continuation, self.feed_model = continuation, feed_model
         self.frozen = frozen
         self.retrieved: dict[int, object] = {}  # sequence chunk index -> NeighbourBatch row
@@ -161,17 +165,45 @@ class RetrievingGenerator:
         retrieval run feeds its neighbours to the model unless ``retrieval`` is ``"off"``, with its own number of
         neighbours; a plain LM (or ``"off"``) only searches, ``k`` neighbours a chunk, to show what served each."""
         rcfg = run_retrieval(record)
+        if rcfg.enabled and rcfg.search.databases:  # trained against retrieval databases: generate from them
+            return cls.for_databases(model, store, run_dir, record, rcfg.search.databases.split(","), retrieval,
+                                     "cca")
         feed = rcfg.enabled and retrieval != "off"
         retriever, frozen = open_generation_retriever(model, store, run_dir, record, feed)
         k = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else k
         return cls(model, retriever, k, rcfg.continuation, feed_model=feed, frozen=frozen)
+
+    @classmethod
+    def for_databases(cls, model: Transformer, store, run_dir, record: dict, databases: list[str],
+                      retrieval: str = "auto", mode: str = "auto", k: int = 2) -> RetrievingGenerator:
+        """A saved run generating from retrieval ``databases`` (``retrieval/database.py``): a RETRO run reads them
+        through its cross-attention (``mode`` cca), any run as text in its context (``in-context``; auto: cca for a
+        RETRO run, else in-context); with ``retrieval`` off it only searches them, to show what matches."""
+        from knnformer.retrieval.database import open_databases
+
+        rcfg = run_retrieval(record)
+        if mode == "auto":
+            mode = "cca" if rcfg.enabled else "in-context"
+        if mode not in ("cca", "in-context"):
+            raise ValueError(f"generate reads --retrieval-db with --mode cca or in-context, not {mode!r}")
+        if mode == "cca" and not rcfg.enabled:
+            raise ValueError(f"--mode cca needs a RETRO run and {run_dir} was trained without retrieval; use "
+                             f"--mode in-context")
+        dbs = open_databases(databases, store.manifest["tokenizer"]["fingerprint"],
+                             rcfg.chunk_size if mode == "cca" else None, f"run {run_dir}")
+        feed = retrieval != "off"
+        if mode == "cca":
+            return cls(model, dbs, rcfg.eval_neighbours or rcfg.num_neighbours, rcfg.continuation, feed_model=feed)
+        if 2 * dbs.chunk_size * k + dbs.chunk_size > model.config.context:
+            k = max(1, (model.config.context - dbs.chunk_size) // (2 * dbs.chunk_size))
+        return cls(model, dbs, k, feed_model=False, in_context=feed)
 
     def retrieve(self, ids: list[int], chunk: int) -> None:
         import time
 
         if chunk in self.retrieved:
             return
-        text = self.retriever.store.tokenizer.decode(ids[chunk * self.C : (chunk + 1) * self.C])
+        text = self.retriever.tokenizer.decode(ids[chunk * self.C : (chunk + 1) * self.C])
         t0 = time.perf_counter()
         nb = self.retriever.neighbours([text], self.k)
         self.latencies_ms.append(1000 * (time.perf_counter() - t0))
@@ -267,7 +299,8 @@ class RetrievingGenerator:
 
         threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
-        run = self._sample_cached if cache else self._sample
+        run = self._sample_cached if cache and not self.in_context else self._sample  # in context: a new prefix
+        # each chunk, so every step runs its whole window
         try:
             yield from run(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id)
         finally:
@@ -321,7 +354,9 @@ class RetrievingGenerator:
             w0 = 0 if len(ids) <= T else -(-(len(ids) - T) // C) * C
             window = ids[w0:]
             inputs = {}
-            if self.feed_model and self.model.retrieval is not None:
+            if self.in_context:
+                window = self.in_context_window(ids)
+            elif self.feed_model and self.model.retrieval is not None:
                 inputs = self.slot_inputs(ids, w0, len(window))
             logits, _ = self.model(torch.tensor([window]), **inputs)
             next_id = pick_token(logits[:, -1], temperature, top_k, top_p, generator)
@@ -332,12 +367,23 @@ class RetrievingGenerator:
         for chunk in range(len(ids) // C):
             self.retrieve(ids, chunk)
 
+    def in_context_window(self, ids: list[int]) -> list[int]:
+        """In-context retrieval: the neighbours of the last complete chunk (nearest last), then as much of the end
+        of ``ids`` as the context leaves."""
+        from knnformer.retrieval.neighbours import in_context_prefix
+
+        T, C = self.model.config.context, self.C
+        last = len(ids) // C - 1
+        prefix = []
+        if last >= 0:
+            nb = self.retrieved[last]
+            prefix = in_context_prefix(nb.tokens, nb.mask, self.k)[0].tolist()[-(T - C):]
+        return prefix + ids[-(T - len(prefix)):]
+
     def provenance(self, ids: list[int], first_generated: int) -> list[dict]:
         """For each chunk holding generated tokens: its text and the neighbours that served it (those retrieved
         by the chunk before it), each with its document, offsets, score and text."""
-        from knnformer.data.chunks import provenance
-
-        store, layout, C = self.retriever.store, self.retriever.layout, self.C
+        tokenizer, C = self.retriever.tokenizer, self.C
         out = []
         for chunk in range(first_generated // C, -(-len(ids) // C)):
             served_by = self.retrieved.get(chunk - 1)
@@ -347,10 +393,10 @@ class RetrievingGenerator:
                     cid = int(served_by.ids[0, j])
                     if cid < 0:
                         continue
-                    source = provenance(store, layout, cid).to_dict()
+                    source = self.retriever.source(cid)
                     source["score"] = float(served_by.scores[0, j])
                     neighbours.append(source)
-            out.append({"chunk": chunk, "text": store.tokenizer.decode(ids[chunk * C : (chunk + 1) * C]),
+            out.append({"chunk": chunk, "text": tokenizer.decode(ids[chunk * C : (chunk + 1) * C]),
                         "retrieved_with_chunk": chunk - 1 if served_by is not None else None,
                         "neighbours": neighbours})
         return out

@@ -159,19 +159,27 @@ def fast_bm25(retriever) -> None:
 
 
 def open_service(run_dir: str | Path, datastore: str | None = None, max_batch: int = 16, max_queue: int = 64,
-                 max_tokens: int = 1024) -> Service:
-    """Load a run, open its index once and start the engine."""
-    from knnformer.data.chunks import provenance
+                 max_tokens: int = 1024, databases: list[str] | None = None) -> Service:
+    """Load a run, open its index once and start the engine. ``databases``: retrieval databases to retrieve from
+    and cite instead of the datastore (``retrieval/database.py``; default: those the run trained against, if any);
+    a RETRO run reads them through its cross-attention, a plain LM cites them."""
     from knnformer.run.record import load_run, open_run_datastore, run_retrieval
 
     run_dir = Path(run_dir)
     model, record, _ = load_run(run_dir)
     store = open_run_datastore(record, datastore)
     rcfg = run_retrieval(record)
-    try:
-        retriever, frozen = open_generation_retriever(model, store, run_dir, record, feed=rcfg.enabled)
-    except ValueError as e:
-        raise ValueError(f"serving cites the datastore's chunks, so it needs an index: {e}") from None
+    databases = databases or (rcfg.search.databases.split(",") if rcfg.enabled and rcfg.search.databases else None)
+    if databases:
+        from knnformer.retrieval.database import open_databases
+
+        retriever, frozen = open_databases(databases, store.manifest["tokenizer"]["fingerprint"],
+                                           rcfg.chunk_size if rcfg.enabled else None, f"run {run_dir}"), None
+    else:
+        try:
+            retriever, frozen = open_generation_retriever(model, store, run_dir, record, feed=rcfg.enabled)
+        except ValueError as e:
+            raise ValueError(f"serving cites the datastore's chunks, so it needs an index: {e}") from None
     fast_bm25(retriever)
     retriever = LockedRetriever(retriever)
     k = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else 2
@@ -186,12 +194,13 @@ def open_service(run_dir: str | Path, datastore: str | None = None, max_batch: i
             cid = int(nb.ids[0, j])
             if cid < 0:
                 continue
-            src = provenance(store, retriever.layout, cid)
+            src = retriever.source(cid)  # document, offsets, text (and database, for a retrieval database)
             C = gen.C
             after = nb.tokens[0, j, C:][nb.mask[0, j, C:]] if rcfg.continuation else []
-            out.append({"doc_id": src.doc_id, "chunk_id": cid, "split": src.split,
-                        "byte_span": [src.byte_offset, src.byte_offset + len(src.text.encode("utf-8"))],
-                        "score": float(nb.scores[0, j]), "text": src.text,
+            out.append({"doc_id": src["doc_id"], "chunk_id": cid, "split": src["split"],
+                        **({"database": src["database"]} if "database" in src else {}),
+                        "byte_span": [src["byte_offset"], src["byte_offset"] + len(src["text"].encode("utf-8"))],
+                        "score": float(nb.scores[0, j]), "text": src["text"],
                         # the chunk after it, which the model reads too (RETRO's continuation)
                         "continuation": store.tokenizer.decode(after.tolist()) if len(after) else ""})
         return out
@@ -294,8 +303,6 @@ def create_app(service: Service):
         body = validate(RetrieveBody, await read_json(request))
         from starlette.concurrency import run_in_threadpool
 
-        from knnformer.data.chunks import provenance
-
         def search():
             t0 = time.perf_counter()
             D, I = service.retriever.search([body.text], body.k)
@@ -305,11 +312,12 @@ def create_app(service: Service):
             for rank, (score, cid) in enumerate(zip(D[0].tolist(), I[0].tolist())):
                 if cid < 0:
                     continue
-                src = provenance(service.store, service.retriever.layout, cid)
-                out.append({"rank": rank, "score": score, "doc_id": src.doc_id, "chunk_id": cid,
-                            "split": src.split,
-                            "byte_span": [src.byte_offset, src.byte_offset + len(src.text.encode("utf-8"))],
-                            "text": src.text})
+                src = service.retriever.source(cid)
+                out.append({"rank": rank, "score": score, "doc_id": src["doc_id"], "chunk_id": cid,
+                            "split": src["split"], **({"database": src["database"]} if "database" in src else {}),
+                            "byte_span": [src["byte_offset"],
+                                          src["byte_offset"] + len(src["text"].encode("utf-8"))],
+                            "text": src["text"]})
             return {"object": "list", "data": out, "latency_ms": ms}
 
         result = await run_in_threadpool(search)

@@ -35,6 +35,8 @@ def resolve_retrieval(config: Config, datastore: Datastore) -> tuple[Neighbours 
     rcfg = config.retrieval
     if not rcfg.enabled:
         return None, Derived()
+    if rcfg.search.databases:
+        return database_inputs(config, datastore)
     neighbours = load_neighbours(datastore, rcfg.search.embedder or None, rcfg.chunk_size or None, config.model.context,
                                  rcfg.search.hops)
     derived = Derived(chunk_size=neighbours.chunk_size, embedder=rcfg.search.embedder or neighbours.info["embedder"])
@@ -42,6 +44,28 @@ def resolve_retrieval(config: Config, datastore: Datastore) -> tuple[Neighbours 
     if k > neighbours.k:
         raise ValueError(f"retrieval wants {k} neighbours per chunk but {datastore.path} holds {neighbours.k}; "
                          f"rebuild with `knnformer index {datastore.path} --k {k} --force`")
+    derived.apply(rcfg).validate(config.model)
+    return neighbours, derived
+
+
+def database_inputs(config: Config, datastore: Datastore) -> tuple[Neighbours, Derived]:
+    """RETRO trained against retrieval databases (``retrieval.search.databases``): every train and valid chunk's
+    neighbours searched in them under the leakage rules (no copy of a held-out document, no copy of a train chunk's
+    own document), computed once at the start of training (and of each resume)."""
+    from knnformer.retrieval.database import database_neighbours, open_databases
+
+    rcfg = config.retrieval
+    if rcfg.retriever.kind == "learned" or "past" in rcfg.resolved_sources() or rcfg.search.hops != 1:
+        raise ValueError("retrieval.search.databases reads the databases through the frozen embedder they were "
+                         "indexed with: one hop, train sources, a frozen retriever")
+    dbs = open_databases(rcfg.search.databases.split(","), datastore.manifest["tokenizer"]["fingerprint"],
+                         rcfg.chunk_size or None, f"datastore {datastore.path}")
+    excluded = dbs.filter_against(datastore)
+    logger.info("retrieval databases: %d chunks; excluded %d documents that copy held-out ones", dbs.num_chunks,
+                excluded["documents"])
+    k = max(rcfg.num_neighbours, rcfg.eval_neighbours)
+    neighbours = database_neighbours(dbs, datastore, ("train", "valid"), k)
+    derived = Derived(chunk_size=dbs.chunk_size, embedder=rcfg.search.embedder or neighbours.info["embedder"])
     derived.apply(rcfg).validate(config.model)
     return neighbours, derived
 

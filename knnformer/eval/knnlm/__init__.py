@@ -22,13 +22,43 @@ with ``d_j`` the squared L2 distance between ``h(x)``, the model's final normed 
 
 from knnformer.eval.knnlm.evaluate import DEFAULT_K_MAX, KnnLmSettings, evaluate_knn_lm, figures, format_table
 from knnformer.eval.knnlm.schedule import DEFAULT_EXACT_SAMPLE, DEFAULT_TUNE_QUERIES, Queries, search_and_tune
-from knnformer.eval.knnlm.search import (DEFAULT_MEMORY_BUDGET, DEFAULT_RECALL, EXACT_MAX_WORK, INDEX_KINDS,
-                                         INDEX_VERSION, KeySearch, build_ivf, choose_index_kind, choose_settings,
-                                         exact_l2, index_bytes, open_key_search, recall, search_resumable)
-from knnformer.eval.knnlm.store import (FORMAT_VERSION, STORE_DIR, KnnStore, open_or_build_queries, open_or_build_store,
-                                        split_hidden_states, store_identity)
-from knnformer.eval.knnlm.tune import (LAMBDA_BINS, LAMBDAS, grid_losses, interpolate, interpolate_by_distance, k_grid,
-                                       knn_logprobs, temperature_scale, tune, tune_by_distance)
+from knnformer.eval.knnlm.search import (
+                                         DEFAULT_MEMORY_BUDGET,
+                                         DEFAULT_RECALL,
+                                         EXACT_MAX_WORK,
+                                         INDEX_KINDS,
+                                         INDEX_VERSION,
+                                         KeySearch,
+                                         build_ivf,
+                                         choose_index_kind,
+                                         choose_settings,
+                                         exact_l2,
+                                         index_bytes,
+                                         open_key_search,
+                                         recall,
+                                         search_resumable,
+)
+from knnformer.eval.knnlm.store import (
+                                         FORMAT_VERSION,
+                                         STORE_DIR,
+                                         KnnStore,
+                                         open_or_build_queries,
+                                         open_or_build_store,
+                                         split_hidden_states,
+                                         store_identity,
+)
+from knnformer.eval.knnlm.tune import (
+                                         LAMBDA_BINS,
+                                         LAMBDAS,
+                                         grid_losses,
+                                         interpolate,
+                                         interpolate_by_distance,
+                                         k_grid,
+                                         knn_logprobs,
+                                         temperature_scale,
+                                         tune,
+                                         tune_by_distance,
+)
 
 __all__ = [
     "DEFAULT_K_MAX", "KnnLmSettings", "evaluate_knn_lm", "figures", "format_table",

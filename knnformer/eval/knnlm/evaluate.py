@@ -24,11 +24,22 @@ import numpy as np
 import torch
 
 from knnformer.data.datastore import Datastore
-from knnformer.eval.knnlm.schedule import DEFAULT_EXACT_SAMPLE, DEFAULT_TUNE_QUERIES, Queries, interpolated, \
-    search_and_tune
+from knnformer.eval.knnlm.schedule import (
+    DEFAULT_EXACT_SAMPLE,
+    DEFAULT_TUNE_QUERIES,
+    Queries,
+    interpolated,
+    search_and_tune,
+)
 from knnformer.eval.knnlm.search import DEFAULT_MEMORY_BUDGET, DEFAULT_RECALL, INDEX_KINDS
-from knnformer.eval.knnlm.store import KnnStore, Progress, ProgressFactory, open_or_build_queries, \
-    open_or_build_store, store_identity
+from knnformer.eval.knnlm.store import (
+    KnnStore,
+    Progress,
+    ProgressFactory,
+    open_or_build_queries,
+    open_or_build_store,
+    store_identity,
+)
 from knnformer.eval.knnlm.tune import LAMBDA_BINS, LAMBDAS, tune, tune_by_distance
 from knnformer.eval.overlap import filtered_figures, split_overlaps
 from knnformer.eval.scoring import NeighbourFn, neighbour_fn_for
@@ -61,6 +72,8 @@ class KnnLmSettings:
     recall_target: float = DEFAULT_RECALL
     tune_queries: int = DEFAULT_TUNE_QUERIES
     exact_sample: int = DEFAULT_EXACT_SAMPLE
+    databases: tuple[str, ...] = ()
+    """Retrieval databases whose text the keys are computed from instead of the train split's (``database.py``)."""
 
     def check(self) -> None:
         """Refuse settings that cannot be evaluated, before anything is loaded."""
@@ -150,7 +163,8 @@ def evaluate_knn_lm(run_dir: str | Path, split: str = "valid", datastore: str | 
                     temperature: float | None = None, force: bool = False, threads: int | None = None,
                     max_keys: int | None = None, refine: int | None = None, recall_target: float = DEFAULT_RECALL,
                     tune_queries: int = DEFAULT_TUNE_QUERIES,
-                    exact_sample: int = DEFAULT_EXACT_SAMPLE) -> dict[str, Any]:
+                    exact_sample: int = DEFAULT_EXACT_SAMPLE,
+                    databases: list[str] | None = None) -> dict[str, Any]:
     """kNN-LM figures of a run's newest checkpoint on ``split`` (valid or test), beside the LM's own on the
     same tokens. Scoring test: tuned on valid. Scoring valid: tuned on the targets of its first half
     ``valid[:half]``, scored on the second ``valid[half:]``. ``lam``, ``k`` and ``temperature``, when given,
@@ -162,12 +176,15 @@ def evaluate_knn_lm(run_dir: str | Path, split: str = "valid", datastore: str | 
     that many train positions. ``tune_queries``: at most that many tuning tokens (a seeded sample) are searched
     with ``k_max`` and tuned on. ``threads``: torch threads (None: the run's ``train.threads``; 0: torch's
     default).
+    ``databases``: retrieval databases whose text gives the keys instead of the train split
+    (``knnlm/database.py``; the hidden states are then the plain LM's, retrieval off).
 
     Memory: the index, the searched neighbours' distances and ids (tuning sample x k_max, scored x the tuned k);
     keys, queries and searched batches stay memory-mapped in ``RUN/knnlm``."""
     t_start = time.perf_counter()
     settings = KnnLmSettings(split, datastore, batch_size, retrieval, k_max, index, nprobe, memory_budget, lam, k,
-                             temperature, force, max_keys, refine, recall_target, tune_queries, exact_sample)
+                             temperature, force, max_keys, refine, recall_target, tune_queries, exact_sample,
+                             tuple(databases or ()))
     settings.check()
     model, record, ckpt_path = load_run(run_dir)
     if threads is None:
@@ -180,12 +197,17 @@ def _evaluate(run_dir: str | Path, model: Transformer, record: dict, ckpt_path: 
               progress_factory: ProgressFactory | None, t_start: float) -> dict[str, Any]:
     """``evaluate_knn_lm`` once the run is loaded, under its torch threads: store, queries, search, tuning."""
     store = open_run_datastore(record, s.datastore)
-    nb_for, nb_identity = _retrieval_inputs(record, store, s.retrieval, run_dir)
+    dbs = None
+    if s.databases:
+        from knnformer.eval.knnlm.database import open_for_knn_lm
+
+        dbs = open_for_knn_lm(list(s.databases), store, run_dir)
+    nb_for, nb_identity = _retrieval_inputs(record, store, "off" if dbs else s.retrieval, run_dir)
     run = _Run(run_dir, model, record, ckpt_path, store, run_config(record).train.dtype, nb_for, progress_factory)
     seconds = {}
 
     t0 = time.perf_counter()
-    knn_store, reused = _train_keys(run, s, nb_identity)
+    knn_store, reused = _database_keys(run, s, dbs) if dbs else _train_keys(run, s, nb_identity)
     seconds["store"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -210,7 +232,13 @@ def _evaluate(run_dir: str | Path, model: Transformer, record: dict, ckpt_path: 
 
     with_knn = figures(float(-logp.sum()), len(scored.y), num_bytes)
     lm_alone = figures(float(-np.sum(scored.logp)), len(scored.y), num_bytes)
-    _add_filtered(run, s.split, split_info["scored_targets"][0], scored, logp, token_bytes, with_knn, lm_alone)
+    chunk_neighbours = None
+    if dbs:
+        from knnformer.eval.knnlm.database import filter_neighbours
+
+        chunk_neighbours = filter_neighbours(dbs, store, s.split)
+    _add_filtered(run, s.split, split_info["scored_targets"][0], scored, logp, token_bytes, with_knn, lm_alone,
+                  chunk_neighbours)
     seconds = {key: round(value, 3) for key, value in seconds.items()}
     return {
         "split": s.split, **split_info,
@@ -230,6 +258,7 @@ def _evaluate(run_dir: str | Path, model: Transformer, record: dict, ckpt_path: 
         "search_seconds": seconds["search"],
         "seconds": {**seconds, "total": round(time.perf_counter() - t_start, 3)},
         "checkpoint": str(ckpt_path), "step": int(Path(ckpt_path).name.split("-")[1]),
+        **({"database": {"databases": dbs.describe(), "excluded": dbs.excluded}} if dbs else {}),
     }
 
 
@@ -241,6 +270,17 @@ def _train_keys(run: _Run, s: KnnLmSettings, nb_identity: dict | None) -> tuple[
     progress = run.progress(total, "kNN-LM keys (train)")
     return open_or_build_store(run.run_dir, run.model, identity, train_tokens, s.batch_size, run.dtype,
                                run.neighbours("train"), progress, s.force, s.max_keys)
+
+
+def _database_keys(run: _Run, s: KnnLmSettings, dbs) -> tuple[KnnStore, bool]:
+    """The store of the databases' keys (``knnlm/database.py``), reused or built; and whether it was reused."""
+    from knnformer.eval.knnlm.database import keys_source
+
+    folder, identity, tokens = keys_source(dbs, run.record, run.ckpt_path, run.store, run.dtype,
+                                           run.model.config.context, run.run_dir)
+    progress = run.progress(len(tokens) - 1, "kNN-LM store (database keys)")
+    return open_or_build_store(folder, run.model, identity, tokens, s.batch_size, run.dtype, None, progress, s.force,
+                               s.max_keys)
 
 
 def _split_queries(run: _Run, s: KnnLmSettings, name: str, knn_store: KnnStore) -> Queries:
@@ -286,15 +326,16 @@ def _tune(s: KnnLmSettings, tuning: Queries, values: np.ndarray, by_distance: bo
 
 
 def _add_filtered(run: _Run, split: str, first: int, scored: Queries, logp: torch.Tensor, token_bytes: np.ndarray,
-                  with_knn: dict, lm_alone: dict) -> None:
+                  with_knn: dict, lm_alone: dict, chunk_neighbours=None) -> None:
     """RETRO's overlap-filtered figures, with the chunks bucketed by the datastore's chunk neighbours (as evaluate
     buckets a plain LM), so a kNN-LM gain can be read beside the part of it that is copying; nothing without
-    chunk neighbours. ``first``: the first scored target."""
-    chunk_neighbours = run_neighbours(run.record, run.store, required=False, run_dir=run.run_dir)
+    chunk neighbours (or ``chunk_neighbours``, a retrieval database's). ``first``: the first scored target."""
+    if chunk_neighbours is None:
+        chunk_neighbours = run_neighbours(run.record, run.store, required=False, run_dir=run.run_dir)
     if chunk_neighbours is None:
         return
     rcfg = run_retrieval(run.record)
-    kk = (rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else min(2, chunk_neighbours.k)
+    kk = min((rcfg.eval_neighbours or rcfg.num_neighbours) if rcfg.enabled else 2, chunk_neighbours.k)
     overlaps = split_overlaps(chunk_neighbours, run.store.require_split(split, 2), split, kk, rcfg.continuation)
     with_knn["filtered"] = filtered_figures(-logp.numpy(), scored.y, token_bytes, overlaps,
                                             chunk_neighbours.chunk_size, first)
