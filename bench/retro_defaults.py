@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--chunk-size", type=int, default=16)
     p.add_argument("--work", default=str(ROOT / "bench" / "work" / "retro-defaults"))
     p.add_argument("--out", default="", help="results file (default bench/results/retro-defaults-<source>.json); "
-                   "with --step-time-steps 0 the step times already in it are kept")
+                   "the step times already in it are kept (as step_time_earlier when measured again)")
     args = p.parse_args()
     import torch
 
@@ -101,14 +101,19 @@ def main() -> None:
     flags = next((ln.split(":", 1)[1].split() for ln in os.popen("lscpu").read().splitlines()
                   if ln.startswith("Flags")), [])
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"retro-defaults-{source.name}.json"
-    kept = json.loads(out.read_text()).get("step_time", {}) if out.exists() and not args.step_time_steps else {}
+    before = json.loads(out.read_text()) if out.exists() else {}
+    kept = before.get("step_time", {}) if not args.step_time_steps else {}
+    # earlier interleaved measurements of the same settings stay in the file beside the new one
+    earlier = before.get("step_time_earlier", []) + ([before["step_time"]] if before.get("step_time") and
+                                                      args.step_time_steps else [])
     report = {"source": str(source), "store": str(store.path), "preset": args.preset, "steps": args.steps,
               "seeds": args.seeds, "chunk_size": args.chunk_size, "embedder": "bm25",
               "train_tokens": int(len(store.split_tokens("train"))),
               "valid_tokens": int(len(store.split_tokens("valid"))),
               "machine": cpu_name(), "cpu_flags": [f for f in flags if f.startswith(("avx", "amx"))],
               "cpus": os.cpu_count(), "command": " ".join(sys.argv), "load_before": os.getloadavg(),
-              "index_seconds": round(time.perf_counter() - t0, 1), "step_time": kept, "models": {}}
+              "index_seconds": round(time.perf_counter() - t0, 1), "step_time": kept, "step_time_earlier": earlier,
+              "models": {}}
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
