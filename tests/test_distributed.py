@@ -162,3 +162,34 @@ def test_a_learned_retriever_refreshes_once_under_ddp_and_takes_the_one_process_
     # step 0's refresh in line, the others in the background on rank 0, read from disk by rank 1
     assert [(r["step"], r["refresh"]) for r in rows["two"] if "refresh" in r] == [(1, 1), (7, 2), (11, 3)]
     assert [r["loss"] for r in rows["two"]] == pytest.approx([r["loss"] for r in rows["one"]], rel=1e-5)
+
+
+def test_an_expert_parallel_run_takes_the_one_process_losses_and_resumes_at_1_and_2_ranks(tmp_path, store_dir,
+                                                                                         byte_store, tiny_config):
+    """model.moe.expert_parallel at 2 ranks (each rank 2 of the 4 experts, DDP for the rest): the one-process
+    losses; its checkpoints hold all 4 experts, and resume at 1 and at 2 ranks with the same losses. No capacity
+    drops (factor 4) and no load-balancing loss, which a rank computes on its own tokens."""
+    moe = {"model.ffn": "moe", "model.moe.num_experts": 4, "model.moe.router": "top1",
+           "model.moe.capacity_factor": 4.0, "model.moe.aux_loss_weight": 0.0}
+    tiny_config.train.steps, tiny_config.train.eval_interval, tiny_config.train.checkpoint_interval = 4, 0, 2
+    tiny_config.model.ffn, tiny_config.model.moe.num_experts, tiny_config.model.moe.router = "moe", 4, "top1"
+    tiny_config.model.moe.capacity_factor, tiny_config.model.moe.aux_loss_weight = 4.0, 0.0
+    train(tmp_path / "one", byte_store, tiny_config)
+    one = losses(tmp_path / "one")
+    sets = [a for k, v in moe.items() for a in ("--set", f"{k}={v}")]
+    cli("train", store_dir, "--out", str(tmp_path / "ep"), "--config", "tiny", "--nproc", "2", *STEPS, *sets,
+        "--set", "model.moe.expert_parallel=true")
+    assert losses(tmp_path / "ep") == pytest.approx(one, rel=1e-5)
+    from safetensors.torch import load_file
+
+    weights = load_file(latest_checkpoint(tmp_path / "ep") / "model.safetensors")
+    experts = [v for k, v in weights.items() if k.endswith("experts_gate_up")]
+    assert experts and all(v.shape[0] == 4 for v in experts)  # gathered from both ranks
+    cli("evaluate", str(tmp_path / "ep"))  # one process reads the whole experts
+    for ranks in (1, 2):
+        run = tmp_path / f"resume{ranks}"
+        shutil.copytree(tmp_path / "ep", run)
+        shutil.rmtree(latest_checkpoint(run))
+        cli("train", store_dir, "--out", str(run), "--resume", *(["--nproc", "2"] if ranks == 2 else []))
+        assert losses(run) == pytest.approx(one, rel=1e-5)
+        assert latest_checkpoint(run).name == "step-0000004"

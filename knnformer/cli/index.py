@@ -90,7 +90,7 @@ def cmd_index(args) -> int:
                                   memory_budget=int(args.memory_budget * (1 << 30)),
                                   force=args.force and parallel.launched().size == 1,  # the ranks just embedded
                                   progress=bars, hops=args.hops, device=device,
-                                  neighbours=not args.no_neighbours)
+                                  neighbours=not args.no_neighbours, shards=args.shards)
     finally:
         bars.close()
     print(f"indexed {args.datastore}")
@@ -137,6 +137,9 @@ def add_index_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                         f"context plus one chunk (default {DEFAULT_EXCLUDE_WINDOW})")
     s.add_argument("--memory-budget", type=float, default=DEFAULT_MEMORY_BUDGET / (1 << 30),
                    help="GiB the index may take; auto picks a smaller index kind above it (default 2)")
+    s.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="write the index as N faiss files over contiguous ranges of the train chunks, searched "
+                        "with a merge by score (one shard in memory while building; default 1: one index.faiss)")
     s.add_argument("--hops", type=int, default=1, choices=[1, 2],
                    help="2: also the second hop's neighbours, searched with each chunk joined with its first "
                         "neighbour (for retrieval.search.hops=2; see knnformer/hops.py)")

@@ -98,7 +98,8 @@ class MoEConfig:
     expert_parallel: bool = False
     """Under several ranks: shard each MoE layer's experts over the ranks (E must be divisible by them), tokens
     sent to their expert's rank with ``all_to_all_single`` (see train/parallel.py). The layer's output and
-    gradients are those of the whole layer; only ``top1`` / ``top2``."""
+    gradients are those of the whole layer; only ``top1`` / ``top2``. Trains under DDP (not FSDP); checkpoints hold
+    every expert, so they resume at any number of ranks."""
     second_expert_sampling: bool = True
     """``top2`` only: in training keep the second expert with probability 2 x its normalised gate (GShard); off
     keeps it always. Evaluation always keeps it."""

@@ -44,6 +44,7 @@ from knnformer.retrieval.neighbours import (
     _save_npy,
 )
 from knnformer.retrieval.search import DenseNeighbours, compute_neighbours, dense_neighbours
+from knnformer.retrieval.shards import SHARDED_INDEX_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -57,25 +58,29 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
                     chunk_size: int = DEFAULT_CHUNK_SIZE, exclude_window: int = DEFAULT_EXCLUDE_WINDOW,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, force: bool = False, seed: int = 0,
                     progress: Progress = _no_progress, hops: int = 1, device: str = "cpu",
-                    neighbours: bool = True) -> dict:
+                    neighbours: bool = True, shards: int = 1) -> dict:
     """Chunk, embed, index and precompute neighbours for the datastore at ``path``; returns the manifest's
     ``retrieval`` section. Embeddings are reused when the manifest matches (``force`` recomputes them). With
     ``hops=2`` the second hop's neighbours are computed too and written beside the first's (see hops.py).
-    ``neighbours=False`` builds the index alone (a retrieval database, searched live: ``database.py``)."""
+    ``neighbours=False`` builds the index alone (a retrieval database, searched live: ``database.py``). With
+    ``shards`` > 1 the dense index is written as that many per-range faiss files (``index.shards/``, shards.py)."""
     store = Datastore.open(path)
     layout = chunk_layout(store, chunk_size)
     _check_arguments(store, layout, index, k if neighbours else 1, exclude_window, hops)
     emb = make_embedder(embedder, device)
+    if shards < 1 or (shards > 1 and emb.sparse):
+        raise ValueError(f"--shards {shards}: " + ("must be at least 1" if shards < 1 else
+                                                   f"{embedder} has its own exact bm25 index, which is not sharded"))
     if not neighbours:
         if hops != 1:
             raise ValueError("--hops 2 computes neighbours; drop --no-neighbours")
-        return _index_only(store, layout, emb, index, memory_budget, force, seed, progress)
+        return _index_only(store, layout, emb, index, memory_budget, force, seed, progress, shards)
     single = int(store.manifest["splits"]["train"]["documents"]) <= 1
     if emb.sparse:
         found, search_hop2, exact_hop2 = _bm25_neighbours(store, layout, index, k, exclude_window, not single, progress)
     else:
         found, search_hop2, exact_hop2 = _dense_neighbours(store, layout, emb, index, k, exclude_window, not single,
-                                                           memory_budget, force, seed, progress, hops)
+                                                           memory_budget, force, seed, progress, hops, shards)
     if found.num_short:
         logger.warning("%d chunks have fewer than %d allowed neighbours (padded with -1)", found.num_short, k)
     hop2, hop2_s = None, 0.0
@@ -86,11 +91,11 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
 
     # all computed: write the new files under temporary names (a kill here keeps the previous index whole), then
     # drop the old manifest entries, rename the files into place and write the new entries last
-    index_file = BM25_INDEX_DIR if emb.sparse else DENSE_INDEX_FILE
-    staged = _stage_files(store.path, emb.sparse, found, hop2)
+    index_file = BM25_INDEX_DIR if emb.sparse else SHARDED_INDEX_DIR if shards > 1 else DENSE_INDEX_FILE
+    staged = _stage_files(store.path, emb.sparse, found, hop2, index_file)
     sums = {name: file_sha256(tmp) for name, tmp in staged.items() if name != index_file}
     update_retrieval_manifest(store.path, drop=("index", "neighbours", "neighbours_hop2"))
-    _swap_in(store.path, emb.sparse, staged)
+    _swap_in(store.path, emb.sparse, staged, index_file)
     common = {"embedder": emb.name, "embedder_fingerprint": emb.fingerprint(),
               "tokenizer_fingerprint": store.manifest["tokenizer"]["fingerprint"], "chunk_size": chunk_size}
     return update_retrieval_manifest(store.path, {
@@ -99,7 +104,7 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
                   "recall_at_10": round(float(found.recall), 4), "recall_queries": found.recall_queries,
                   "build_seconds": round(found.build_seconds, 3),
                   "bytes_per_chunk": round(path_size(store.path / index_file) / layout.num_train, 1),
-                  "memory_budget": memory_budget},
+                  "memory_budget": memory_budget, **({"shards": shards} if shards > 1 else {})},
         "neighbours": {**common, "file": NEIGHBOURS_FILE, "scores_file": SCORES_FILE, "k": k,
                        "sha256": sums[NEIGHBOURS_FILE],
                        "num_chunks": layout.num_chunks, "index_kind": found.kind, "exclude_window": exclude_window,
@@ -113,7 +118,7 @@ def index_datastore(path: str | Path, embedder: str = DEFAULT_EMBEDDER, index: s
 
 
 def _index_only(store: Datastore, layout: ChunkLayout, emb, index: str, memory_budget: int, force: bool, seed: int,
-                progress: Progress) -> dict:
+                progress: Progress, shards: int = 1) -> dict:
     """The index over the train chunks and its manifest entry, without anyone's neighbours (the manifest's
     ``neighbours`` entries are dropped: they would describe another index)."""
     from knnformer.retrieval.index import build_dense_index, measure_recall
@@ -128,14 +133,21 @@ def _index_only(store: Datastore, layout: ChunkLayout, emb, index: str, memory_b
     else:
         vectors, _ = chunks_to_embeddings(store, layout, emb, force, progress=progress("embedding", layout.num_chunks))
         kind = choose_index_kind(layout.num_train, emb.dim, memory_budget) if index == "auto" else index
-        built = build_dense_index(vectors[: layout.num_train], kind, seed, progress("indexing", layout.num_train))
+        if shards > 1:  # per-range files, searched with a merge by score (shards.py)
+            from knnformer.retrieval.shards import ShardedIndex
+
+            built = ShardedIndex.build(vectors[: layout.num_train], kind, shards,
+                                       tmp_path(store.path / SHARDED_INDEX_DIR), seed,
+                                       progress("indexing", layout.num_train))
+        else:
+            built = build_dense_index(vectors[: layout.num_train], kind, seed, progress("indexing", layout.num_train))
         recall, queries = measure_recall(built, vectors[: layout.num_train], vectors, seed=seed)
     build_s = time.perf_counter() - t0
     found = DenseNeighbours(built, kind, None, None, 0, float(recall), queries, build_s, 0.0)
-    staged = _stage_files(store.path, emb.sparse, found, None)
+    index_file = BM25_INDEX_DIR if emb.sparse else SHARDED_INDEX_DIR if shards > 1 else DENSE_INDEX_FILE
+    staged = _stage_files(store.path, emb.sparse, found, None, index_file)
     update_retrieval_manifest(store.path, drop=("index", "neighbours", "neighbours_hop2"))
-    _swap_in(store.path, emb.sparse, staged)
-    index_file = BM25_INDEX_DIR if emb.sparse else DENSE_INDEX_FILE
+    _swap_in(store.path, emb.sparse, staged, index_file)
     return update_retrieval_manifest(store.path, {
         "chunks": layout.describe(),
         "index": {"embedder": emb.name, "embedder_fingerprint": emb.fingerprint(),
@@ -143,7 +155,7 @@ def _index_only(store: Datastore, layout: ChunkLayout, emb, index: str, memory_b
                   "kind": kind, "file": index_file, "dim": emb.dim, "num_vectors": layout.num_train,
                   "recall_at_10": round(float(recall), 4), "recall_queries": queries, "build_seconds": round(build_s, 3),
                   "bytes_per_chunk": round(path_size(store.path / index_file) / layout.num_train, 1),
-                  "memory_budget": memory_budget},
+                  "memory_budget": memory_budget, **({"shards": shards} if shards > 1 else {})},
     })
 
 
@@ -191,14 +203,14 @@ def _bm25_neighbours(store: Datastore, layout: ChunkLayout, index: str, k: int, 
 
 def _dense_neighbours(store: Datastore, layout: ChunkLayout, emb, index: str, k: int, exclude_window: int,
                       exclude_same_document: bool, memory_budget: int, force: bool, seed: int, progress: Progress,
-                      hops: int) -> tuple[DenseNeighbours, HopSearch | None, ExactSearch | None]:
+                      hops: int, shards: int = 1) -> tuple[DenseNeighbours, HopSearch | None, ExactSearch | None]:
     """A dense embedder: embed every chunk (reusing stored embeddings that match), index the train vectors with
     ``index`` (``auto``: by size and ``memory_budget``) and search every chunk's vector. With ``hops=2`` every
     chunk's second-hop query (its text joined with its first neighbour's) is embedded too, held in float32."""
     vectors, _ = chunks_to_embeddings(store, layout, emb, force, progress=progress("embedding", layout.num_chunks))
     kind = choose_index_kind(layout.num_train, emb.dim, memory_budget) if index == "auto" else index
     dense = dense_neighbours(layout, vectors, k, exclude_window, exclude_same_document, kind, seed,
-                             progress=progress)
+                             progress=progress, shards=shards, shard_folder=tmp_path(store.path / SHARDED_INDEX_DIR))
     search_hop2 = exact_hop2 = None
     if hops == 2:
         first = dense.ids[:, 0]
@@ -215,13 +227,13 @@ def _dense_neighbours(store: Datastore, layout: ChunkLayout, emb, index: str, k:
 
 
 def _stage_files(folder: Path, sparse: bool, found: DenseNeighbours,
-                 hop2: tuple[np.ndarray, np.ndarray, int] | None) -> dict[str, Path]:
+                 hop2: tuple[np.ndarray, np.ndarray, int] | None, index_file: str | None = None) -> dict[str, Path]:
     """Write the index and the neighbour arrays beside their final names in ``folder`` as temporaries
     (``.NAME.tmp-PID``, which the next writer removes if this process dies); returns ``{final name: temporary}``."""
     arrays = {} if found.ids is None else {NEIGHBOURS_FILE: found.ids, SCORES_FILE: found.scores}
     if hop2 is not None:
         arrays.update({HOP2_FILE: hop2[0], HOP2_SCORES_FILE: hop2[1]})
-    index_file = BM25_INDEX_DIR if sparse else DENSE_INDEX_FILE
+    index_file = index_file or (BM25_INDEX_DIR if sparse else DENSE_INDEX_FILE)
     staged = {name: tmp_path(folder / name) for name in (index_file, *arrays)}
     found.index.save(staged[index_file])
     for name, array in arrays.items():
@@ -229,7 +241,7 @@ def _stage_files(folder: Path, sparse: bool, found: DenseNeighbours,
     return staged
 
 
-def _swap_in(folder: Path, sparse: bool, staged: dict[str, Path]) -> None:
+def _swap_in(folder: Path, sparse: bool, staged: dict[str, Path], index_file: str | None = None) -> None:
     """Rename the staged files into place (renames only: the window a kill could hit is a few system calls)
     and remove the index of the other kind (a bm25 folder after a dense build, or the reverse)."""
     for name, tmp in staged.items():
@@ -241,8 +253,11 @@ def _swap_in(folder: Path, sparse: bool, staged: dict[str, Path]) -> None:
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-    other = folder / (DENSE_INDEX_FILE if sparse else BM25_INDEX_DIR)
-    if other.is_dir():
-        shutil.rmtree(other)
-    elif other.exists():
-        other.unlink()
+    for name in (BM25_INDEX_DIR, DENSE_INDEX_FILE, SHARDED_INDEX_DIR):  # the index of another kind, now stale
+        other = folder / name
+        if name == (index_file or (BM25_INDEX_DIR if sparse else DENSE_INDEX_FILE)):
+            continue
+        if other.is_dir():
+            shutil.rmtree(other)
+        elif other.exists():
+            other.unlink()

@@ -21,20 +21,24 @@ from knnformer.retrieval.embedders import make_embedder
 from knnformer.retrieval.hops import merge_hops
 from knnformer.retrieval.index import BM25Index, DenseIndex, SearchResult
 from knnformer.retrieval.neighbours import NeighbourBatch, neighbour_tokens
+from knnformer.retrieval.shards import ShardedIndex
 
 logger = logging.getLogger(__name__)
 
 
-def open_index(store: Datastore) -> DenseIndex | BM25Index:
+def open_index(store: Datastore) -> DenseIndex | BM25Index | ShardedIndex:
     """The saved index of a datastore (memory-mapped), for live retrieval at generation time."""
     info = read_retrieval_manifest(store.path).get("index")
     if info is None:
         raise ValueError(f"{store.path} has no index; build it with `knnformer index {store.path}`")
     if info["kind"] == "bm25":
         return BM25Index.load(store.path / info["file"])
-    index = DenseIndex.load(store.path / info["file"], info["kind"])
-    if index.index.ntotal != info["num_vectors"]:  # an index of another datastore, or of another build
-        raise ValueError(f"{store.path / info['file']} holds {index.index.ntotal} vectors, not the "
+    if info.get("shards", 1) > 1:  # written as per-range files (`knnformer index --shards N`), merged by score
+        index = ShardedIndex(store.path / info["file"])
+    else:
+        index = DenseIndex.load(store.path / info["file"], info["kind"])
+    if index.ntotal != info["num_vectors"]:  # an index of another datastore, or of another build
+        raise ValueError(f"{store.path / info['file']} holds {index.ntotal} vectors, not the "
                          f"{info['num_vectors']} train chunks the manifest names; rebuild with "
                          f"`knnformer index {store.path} --force`")
     return index
@@ -46,7 +50,7 @@ class Retriever:
 
     store: Datastore
     layout: ChunkLayout
-    index: DenseIndex | BM25Index
+    index: DenseIndex | BM25Index | ShardedIndex
     embedder: object
     hops: int = 1
     """1, or 2 for a run trained with ``retrieval.search.hops=2`` (see ``neighbours``)."""

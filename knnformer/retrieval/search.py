@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -147,21 +148,29 @@ class DenseNeighbours(NamedTuple):
 
 def dense_neighbours(layout: ChunkLayout, vectors: np.ndarray, k: int, exclude_window: int,
                      exclude_same_document: bool, kind: str, seed: int = 0, progress: Progress = _no_progress,
-                     recall_floor: float = 0.0, ef_search: int = 0) -> DenseNeighbours:
+                     recall_floor: float = 0.0, ef_search: int = 0, shards: int = 1,
+                     shard_folder: Path | None = None) -> DenseNeighbours:
     """Index the train rows of ``vectors`` ((num_chunks, d) unit rows, any float dtype, memory-mapped or not) with
     a ``kind`` index and compute every chunk's ``k`` nearest allowed train chunks under the leakage rules. An
     approximate index whose recall@10 (at HNSW breadth ``ef_search``; 0: the default) falls below
-    ``recall_floor`` is replaced by an exact one."""
+    ``recall_floor`` is replaced by an exact one. With ``shards`` > 1 the index is written as that many per-range
+    files into ``shard_folder`` and searched with a merge by score (``shards.ShardedIndex``)."""
     xb = vectors[: layout.num_train]
     t0 = time.perf_counter()
-    built = build_dense_index(xb, kind, seed, progress("indexing", layout.num_train))
+    build = build_dense_index
+    if shards > 1:  # per-range faiss files under shard_folder, searched with a merge by score (shards.py)
+        from knnformer.retrieval.shards import ShardedIndex
+
+        def build(xb, kind, seed=0, progress=None):
+            return ShardedIndex.build(xb, kind, shards, shard_folder, seed, progress)
+    built = build(xb, kind, seed, progress("indexing", layout.num_train))
     if ef_search:
         built.ef_search = ef_search
     recall, recall_queries = measure_recall(built, xb, vectors, seed=seed)
     if recall < recall_floor and kind != "flat":
         logger.warning("the %s index's recall@10 %.3f is below the floor %.3f: using an exact index", kind, recall,
                        recall_floor)
-        built, kind = build_dense_index(xb, "flat", seed), "flat"
+        built, kind = build(xb, "flat", seed), "flat"
         recall = 1.0
     build_s = time.perf_counter() - t0
 

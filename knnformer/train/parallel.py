@@ -20,7 +20,11 @@ folder appears atomically once every rank has written. ``load_distributed`` read
 Expert parallelism (``model.moe.expert_parallel``): ``shard_experts`` keeps each rank's share of every MoE
 layer's experts and gives the layer an ``ExpertExchange`` that sends each kept token to the rank holding its
 expert with ``all_to_all_single`` and brings the outputs back (differentiable), so the layer's output and
-gradients are those of the whole layer on the rank's tokens.
+gradients are those of the whole layer on the rank's tokens. In the trainer (``wrap`` under DDP) each rank's
+experts are left out of DDP's all-reduce, their gradients divided by the ranks (a rank's backward already sums
+every rank's tokens), ``clip_grad_norm`` counts every rank's experts once, and checkpoints are saved and loaded
+inside ``whole_experts`` (all experts and their optimizer state gathered), so they are one-process checkpoints
+that resume at any world size.
 """
 
 from __future__ import annotations
@@ -175,6 +179,17 @@ def wrap(model: torch.nn.Module, cfg, world: World, device: torch.device) -> tor
     if cfg.activation_checkpointing:
         checkpoint_blocks(model)
     kind = resolved_parallel(cfg, world)
+    if kind == "fsdp" and world.size > 1 and any(getattr(getattr(m, "cfg", None), "expert_parallel", False)
+                                                 for m in model.modules() if hasattr(m, "experts_gate_up")):
+        raise ValueError("model.moe.expert_parallel shards the experts itself: train it with train.parallel=ddp "
+                         "(or none), not fsdp")
+    if kind == "ddp" and shard_experts(model, world):  # each rank's experts are its own: DDP leaves them alone
+        from torch.nn.parallel import DistributedDataParallel
+
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [name for name, p in model.named_parameters() if any(p is q for q in expert_params(model))])
+        for p in expert_params(model):  # the rank's backward sums every rank's tokens' gradients: / ranks = mean
+            p.register_hook(functools.partial(torch.div, other=world.size))
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -369,6 +384,87 @@ def shard_experts(model: torch.nn.Module, world: World) -> int:
             layer.experts_down = torch.nn.Parameter(layer.experts_down[lo:lo + L].clone())
         layer.exchange = ExpertExchange(layer, world)
     return len(layers)
+
+
+def expert_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The expert weights ``shard_experts`` left on this rank (each rank holds different ones); [] when none."""
+    return [p for m in model.modules() if isinstance(getattr(m, "exchange", None), ExpertExchange)
+            for p in (m.experts_gate_up, m.experts_down)]
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over the whole model; with sharded experts the norm counts every rank's experts once
+    (their squares summed over the ranks), so every rank clips by the one-process factor."""
+    experts = expert_params(model)
+    if not experts:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    ids = {id(p) for p in experts}
+    grads = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in ids]
+    local = [p.grad for p in experts if p.grad is not None]
+    sq = torch.stack([g.detach().double().pow(2).sum() for g in local]).sum() if local else torch.zeros((), dtype=torch.float64)
+    dist.all_reduce(sq)
+    sq = sq + (torch.stack([g.detach().double().pow(2).sum() for g in grads]).sum() if grads else 0.0)
+    norm = sq.sqrt().float()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads + local:
+        g.mul_(coef.to(g.device, g.dtype))
+    return norm
+
+
+class _WholeExperts:
+    """See ``whole_experts``."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World):
+        self.model, self.optimizer, self.world = model, optimizer, world
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world.size)]
+        dist.all_gather(parts, t.detach().contiguous())
+        return torch.cat(parts)
+
+    def __enter__(self):
+        self.swaps = []
+        for layer in [m for m in self.model.modules() if isinstance(getattr(m, "exchange", None), ExpertExchange)]:
+            for name in ("experts_gate_up", "experts_down"):
+                local = getattr(layer, name)
+                whole = torch.nn.Parameter(self._gather(local), requires_grad=local.requires_grad)
+                state = self.optimizer.state.pop(local, {})
+                self.optimizer.state[whole] = {k: self._gather(v) if torch.is_tensor(v) and v.shape == local.shape
+                                               else v for k, v in state.items()}
+                self._rebind(local, whole)
+                setattr(layer, name, whole)
+                layer.exchange = None  # a whole layer runs its own experts (if anything runs it meanwhile)
+                self.swaps.append((layer, name, local, whole))
+        return self
+
+    def _rebind(self, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
+        for group in self.optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+
+    def __exit__(self, *exc):
+        L = None
+        for layer, name, local, whole in self.swaps:
+            L = local.shape[0]
+            lo = self.world.rank * L
+            with torch.no_grad():
+                local.copy_(whole[lo:lo + L])
+            state = self.optimizer.state.pop(whole, {})
+            self.optimizer.state[local] = {k: v[lo:lo + L].clone() if torch.is_tensor(v) and v.shape == whole.shape
+                                           else v for k, v in state.items()}
+            self._rebind(whole, local)
+            setattr(layer, name, local)
+            layer.exchange = ExpertExchange(layer, self.world)
+        return False
+
+
+def whole_experts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World):
+    """Every rank takes part: within it the sharded MoE layers hold all their experts (and the optimizer their whole
+    state), gathered from the ranks, so a checkpoint saved there is the one-process one and one loaded there any
+    world size's; on leaving, each rank keeps its share of what the layers then hold. Nothing without sharded
+    experts."""
+    if not expert_params(model):
+        return nullcontext()
+    return _WholeExperts(model, optimizer, world)
 
 
 # --- sharded embedding for `knnformer index --nproc N` ----------------------------------------------------------

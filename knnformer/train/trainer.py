@@ -118,9 +118,9 @@ class Trainer:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self._setup_data()
-        if self.world.size > 1 and self.mcfg.ffn == "moe" and self.mcfg.moe.expert_parallel:
-            raise ValueError("model.moe.expert_parallel is a layer for now (train/parallel.shard_experts, tested on 2 "
-                             "ranks); the trainer does not checkpoint sharded experts yet: train MoE with DDP or FSDP")
+        if self.world.size > 1 and self.schedule and self.mcfg.ffn == "moe" and self.mcfg.moe.expert_parallel:
+            raise ValueError("retrieval.refresh (a learned retriever's re-indexing) runs the whole model on rank 0: "
+                             "train it without model.moe.expert_parallel")
         if self.world.size > 1 and self.schedule and self.cfg.parallel == "fsdp":
             raise ValueError("retrieval.refresh (a learned retriever's re-indexing) reads whole weights: train it "
                              "with train.parallel=ddp or one process")
@@ -192,8 +192,9 @@ class Trainer:
         if distributed:  # saved by a sharded run: DCP reshards it onto this world size
             parallel.load_distributed(path, self.model, self.optimizer)
         else:
-            load_weights(self.model, ckpt)  # a model of another shape: a one-line error, not a traceback
-            load_optimizer(self.optimizer, ckpt)
+            with parallel.whole_experts(self.model, self.optimizer, self.world):  # sharded experts: load all, keep ours
+                load_weights(self.model, ckpt)  # a model of another shape: a one-line error, not a traceback
+                load_optimizer(self.optimizer, ckpt)
         self.step = ckpt["state"]["step"]
         self.generator.set_state(ckpt["state"]["generator"])
         set_rng_state(ckpt["state"]["rng"])
@@ -273,7 +274,7 @@ class Trainer:
         if self.world.size > 1:  # the step's loss is the mean over the global batch
             loss_sum, aux_sum = (v / self.world.size for v in parallel.sum_over_ranks([loss_sum, aux_sum]))
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        grad_norm = parallel.clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip else None  # experts: every rank's
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
@@ -326,9 +327,11 @@ class Trainer:
         if parallel.is_sharded(self.model):  # FSDP: every rank writes its shards (torch.distributed.checkpoint)
             parallel.save_distributed(self.run_dir, self.step, self.model, self.optimizer, self.record, state,
                                       self.world, keep=self.cfg.keep_checkpoints)
-        elif self.world.main:
-            save_checkpoint(self.run_dir, self.step, self.model, self.record, self.optimizer, state,
-                            keep=self.cfg.keep_checkpoints)
+        else:
+            with parallel.whole_experts(self.model, self.optimizer, self.world):  # sharded experts: gathered to save
+                if self.world.main:
+                    save_checkpoint(self.run_dir, self.step, self.model, self.record, self.optimizer, state,
+                                    keep=self.cfg.keep_checkpoints)
         parallel.barrier()
         if self.learned and self.world.main:  # refreshes no kept checkpoint (nor the run) reads any more give their arrays back
             records = [json.loads((c / "config.json").read_text()) for c in list_checkpoints(self.run_dir)]
