@@ -144,8 +144,7 @@ def test_flat_retrieval_keys_still_load_with_a_deprecation_note(caplog):
         "enabled": True, "chunk_size": 16, "embedder": "minilm", "retriever": "learned",
         "retriever_input": "embedder", "retriever_input_dim": 384, "sources": "train,past"}}}
     derived = Derived.of_record(old_record)
-    # (and, recorded when encoder_dim 0 meant half of model.dim, the default 384: a 192-wide encoder)
-    assert derived == Derived(chunk_size=16, embedder="minilm", retriever_input_dim=384, encoder_dim=192)
+    assert derived == Derived(chunk_size=16, embedder="minilm", retriever_input_dim=384)
     rcfg = config_from_dict(old_record["config"]).retrieval
     assert (rcfg.retriever.kind, rcfg.retriever.input, rcfg.search.sources) == ("learned", "embedder", "train,past")
     with pytest.raises(ValueError, match="unknown config key 'retrieval.retriever.kinds'"):

@@ -296,10 +296,9 @@ class Derived:
         flat = record["config"].get("retrieval", {})
         search = flat.get("search", {}) if isinstance(flat.get("search"), dict) else {}
         old = {"encoder_dim": 0}
-        if flat.get("enabled") and not flat.get("encoder_dim"):  # recorded when 0 meant half of model.dim
-            from knnformer.config import ModelConfig
-
-            old["encoder_dim"] = int(record["config"].get("model", {}).get("dim", ModelConfig.dim)) // 2
+        dim = record["config"].get("model", {}).get("dim")  # a run record holds every model field
+        if flat.get("enabled") and not flat.get("encoder_dim") and dim:  # recorded when 0 meant half of model.dim
+            old["encoder_dim"] = int(dim) // 2
         if "derived" in record:
             return cls(**record["derived"], **old)
         return cls(chunk_size=int(flat.get("chunk_size", 0)), embedder=search.get("embedder", flat.get("embedder", "")),
