@@ -237,9 +237,10 @@ def test_a_retrieval_model_reads_its_neighbours_for_keys_and_queries(tmp_path):
     assert not off["store"]["reused"]  # keys computed without neighbours are another store
     _, record, _ = load_run(tmp_path / "run")
     neighbours = run_neighbours(record, store, required=True)
+    k = record["config"]["retrieval"]["num_neighbours"]  # the run's K (the default's)
 
     def nb_fn(begins, length):
-        nb, mask, _ = neighbour_inputs(neighbours, "valid", begins, length, 2)
+        nb, mask, _ = neighbour_inputs(neighbours, "valid", begins, length, k)
         return nb, mask
 
     lo, hi = on["scored_targets"]
@@ -267,8 +268,10 @@ def test_a_learned_run_reads_its_refreshed_neighbours(tmp_path):
     manifest = json.loads((tmp_path / "run" / "knnlm" / "manifest.json").read_text())
     assert json.dumps(manifest).count("learned:refresh-1") >= 1
 
+    k = record["config"]["retrieval"]["num_neighbours"]  # the run's K (the default's)
+
     def nb_fn(begins, length):
-        nb, mask, _ = neighbour_inputs(refreshed, "valid", begins, length, 2)
+        nb, mask, _ = neighbour_inputs(refreshed, "valid", begins, length, k)
         return nb, mask
 
     lo, hi = on["scored_targets"]

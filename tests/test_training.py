@@ -149,3 +149,65 @@ def test_flat_retrieval_keys_still_load_with_a_deprecation_note(caplog):
     assert (rcfg.retriever.kind, rcfg.retriever.input, rcfg.search.sources) == ("learned", "embedder", "train,past")
     with pytest.raises(ValueError, match="unknown config key 'retrieval.retriever.kinds'"):
         load_config("tiny", ["retrieval.retriever.kinds=learned"])
+
+
+def test_runs_recorded_when_encoder_dim_0_meant_half_keep_their_encoder():
+    """Issue 13 moved retrieval.encoder_dim 0 from half to a quarter of model.dim. A RETRO run recorded before
+    (its derived section has no encoder_dim) rebuilds the half-width encoder its weights were trained in; a run
+    recorded now builds the quarter-width one; an explicit width is never overridden."""
+    import dataclasses
+
+    from knnformer.config import Derived, ModelConfig, config_from_dict, retrieval_config
+    from knnformer.model.transformer import Transformer
+
+    mcfg = ModelConfig(vocab_size=256, context=32, num_layers=3, num_heads=2, dim=64)
+    old_weights = Transformer(mcfg, retrieval_config(enabled=True, chunk_size=8, encoder_dim=32)).state_dict()
+    rcfg = retrieval_config(enabled=True, chunk_size=8)  # encoder_dim 0, as the old run recorded it
+    record = {"config": {"model": dataclasses.asdict(mcfg), "retrieval": dataclasses.asdict(rcfg)},
+              "derived": {"chunk_size": 8, "embedder": "bm25", "retriever_input_dim": 0}}
+    derived = Derived.of_record(record)
+    assert derived.encoder_dim == 32
+    old = Transformer(mcfg, derived.apply(config_from_dict(record["config"]).retrieval))
+    old.load_state_dict(old_weights)  # the shapes fit
+    # a run recorded now: derived holds encoder_dim 0, so the config's rule (a quarter) builds it
+    record["derived"] = dataclasses.asdict(Derived(chunk_size=8, embedder="bm25"))
+    new_rcfg = Derived.of_record(record).apply(rcfg)
+    assert new_rcfg.resolved_encoder(mcfg) == (16, 1)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        Transformer(mcfg, new_rcfg).load_state_dict(old_weights)
+    # records from before the derived section, and an explicit width in an old record
+    flat = {"config": {"model": {"dim": 64}, "retrieval": {"enabled": True, "chunk_size": 8}}}
+    assert Derived.of_record(flat).encoder_dim == 32
+    explicit = {"config": {"model": {"dim": 64}, "retrieval": {"enabled": True, "encoder_dim": 48}}, "derived": {}}
+    assert Derived.of_record(explicit).apply(retrieval_config(enabled=True, encoder_dim=48)).encoder_dim == 48
+
+
+def test_resuming_a_run_recorded_when_encoder_dim_0_meant_half_keeps_its_encoder(tmp_path):
+    """`train --resume` of such a run trains on in the half-width encoder its checkpoints hold (an explicit
+    --set retrieval.encoder_dim still wins); a run recorded now keeps the config's rule."""
+    import argparse
+    import dataclasses
+
+    from conftest import make_datastore
+
+    from knnformer.cli.train import resolve_train_config
+    from knnformer.config import ModelConfig, retrieval_config
+
+    store = make_datastore(tmp_path)
+    mcfg = ModelConfig(vocab_size=256, context=32, num_layers=2, num_heads=2, dim=64)
+    record = {"config": {"model": dataclasses.asdict(mcfg),
+                         "retrieval": dataclasses.asdict(retrieval_config(enabled=True, chunk_size=8))},
+              "derived": {"chunk_size": 8, "embedder": "bm25", "retriever_input_dim": 0},
+              "datastore": {"tokenizer_fingerprint": store.manifest["tokenizer"]["fingerprint"]}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(record))
+
+    def resumed(*sets):
+        args = argparse.Namespace(resume=True, set=list(sets), config=None)
+        return resolve_train_config(args, store, tmp_path / "run").retrieval
+
+    assert resumed().encoder_dim == 32
+    assert resumed("retrieval.encoder_dim=16").encoder_dim == 16
+    record["derived"]["encoder_dim"] = 0  # recorded now
+    (tmp_path / "run" / "config.json").write_text(json.dumps(record))
+    assert resumed().resolved_encoder(mcfg) == (16, 1)

@@ -16,7 +16,7 @@ from knnformer.cli.common import Interrupted, say, write_events
 def resolve_train_config(args, store, run_dir: Path):
     """The config to train with: the resumed run's saved one with ``--set`` applied, or ``--config`` with
     ``--set`` and the vocabulary size taken from the datastore's tokenizer."""
-    from knnformer.config import apply_overrides, config_from_dict, load_config
+    from knnformer.config import Derived, apply_overrides, config_from_dict, load_config
 
     if args.resume:
         record_path = run_dir / "config.json"
@@ -28,7 +28,10 @@ def resolve_train_config(args, store, run_dir: Path):
         values = apply_overrides(record["config"], args.set or [], strict=True)
         if args.config:
             say("--config is ignored with --resume: the run's saved config is used (change it with --set)")
-        return config_from_dict(values)
+        config = config_from_dict(values)
+        # a RETRO run recorded when encoder_dim 0 meant half of model.dim keeps that encoder (its weights' shape)
+        config.retrieval.encoder_dim = config.retrieval.encoder_dim or Derived.of_record(record).encoder_dim
+        return config
     config = load_config(args.config, args.set or [])
     if args.init_from:
         config.model = init_model_config(args, store)

@@ -148,8 +148,9 @@ class RetrievalConfig:
     """Train and evaluate with RETRO chunked cross-attention to neighbours precomputed by ``knnformer index``."""
     chunk_size: int = 0
     """Tokens per chunk (C); must divide ``model.context``; 0 takes the chunk size the index was built with."""
-    num_neighbours: int = 2
-    """Neighbours (K) each chunk attends to in training."""
+    num_neighbours: int = 1
+    """Neighbours (K) each chunk attends to in training. 1 since issue 13's comparison (BENCHMARKS.md "Issue 13:
+    RETRO defaults"): K = 2 cost more per step for no measured gain in bits per byte."""
     eval_neighbours: int = 0
     """Neighbours each chunk attends to at evaluation; 0 means ``num_neighbours``."""
     layers: str = "auto"
@@ -158,7 +159,8 @@ class RetrievalConfig:
     encoder_layers: int = 1
     """Blocks of the bidirectional neighbour encoder."""
     encoder_dim: int = 0
-    """Width of the neighbour encoder; 0 means half of ``model.dim``."""
+    """Width of the neighbour encoder; 0 means a quarter of ``model.dim`` (half before issue 13's comparison: a run
+    recorded then with 0 keeps half, ``Derived.encoder_dim``)."""
     encoder_heads: int = 0
     """Attention heads of the neighbour encoder; 0 means heads of width 32 (at least one). Narrow heads are
     slow on CPU: with 4 heads of 8 the encoder's attention backward cost more than its matmuls."""
@@ -181,7 +183,7 @@ class RetrievalConfig:
 
     def resolved_encoder(self, model) -> tuple[int, int]:
         """(width, heads) of the neighbour encoder; ``model`` is the config's model section (``ModelConfig``)."""
-        dim = self.encoder_dim or model.dim // 2
+        dim = self.encoder_dim or model.dim // 4
         return dim, self.encoder_heads or max(1, dim // 32)
 
     def resolved_layers(self, num_layers: int) -> list[int]:
@@ -282,19 +284,29 @@ class Derived:
     chunk_size: int = 0
     embedder: str = ""
     retriever_input_dim: int = 0
+    encoder_dim: int = 0
+    """The neighbour encoder's width of a RETRO run recorded before ``retrieval.encoder_dim`` 0 meant a quarter of
+    ``model.dim`` (it meant half): such a run keeps the encoder its weights were trained in. 0: the config's rule."""
 
     @classmethod
     def of_record(cls, record: dict[str, Any]) -> "Derived":
         """A run record's derived values; records written before ``derived`` existed held them in the config."""
-        if "derived" in record:
+        if "derived" in record and "encoder_dim" in record["derived"]:
             return cls(**record["derived"])
         flat = record["config"].get("retrieval", {})
         search = flat.get("search", {}) if isinstance(flat.get("search"), dict) else {}
+        old = {"encoder_dim": 0}
+        dim = record["config"].get("model", {}).get("dim")  # a run record holds every model field
+        if flat.get("enabled") and not flat.get("encoder_dim") and dim:  # recorded when 0 meant half of model.dim
+            old["encoder_dim"] = int(dim) // 2
+        if "derived" in record:
+            return cls(**record["derived"], **old)
         return cls(chunk_size=int(flat.get("chunk_size", 0)), embedder=search.get("embedder", flat.get("embedder", "")),
-                   retriever_input_dim=int(flat.get("retriever_input_dim", 0)))
+                   retriever_input_dim=int(flat.get("retriever_input_dim", 0)), **old)
 
     def apply(self, rcfg: RetrievalConfig) -> RetrievalConfig:
         """A copy of ``rcfg`` with the derived chunk size and embedder filled in: the config the model is built
         with and the neighbours are read by. ``rcfg`` itself is unchanged."""
         search = dataclasses.replace(rcfg.search, embedder=rcfg.search.embedder or self.embedder)
-        return dataclasses.replace(rcfg, chunk_size=rcfg.chunk_size or self.chunk_size, search=search)
+        return dataclasses.replace(rcfg, chunk_size=rcfg.chunk_size or self.chunk_size, search=search,
+                                   encoder_dim=rcfg.encoder_dim or self.encoder_dim)
