@@ -263,19 +263,22 @@ def test_the_server_searches_bm25_with_numba_and_the_same_scores(tmp_path):
     assert np.allclose(a.D, b.D)
 
 
-def test_a_plain_request_whose_client_leaves_is_cancelled(server):
-    def cancelled() -> float:
-        line = next((x for x in httpx.get(server + "/metrics").text.splitlines()
-                     if x.startswith("knnformer_requests_cancelled_total ")), "x 0")
-        return float(line.split()[1])
+def test_a_plain_request_whose_client_leaves_is_cancelled(served_run):
+    # A request far longer than the server's disconnect poll (0.5 s): with 1,000 tokens a quiet machine finished
+    # the generation before the server saw the client leave, and the test failed by racing it.
+    with BackgroundServer(open_service(served_run[0], max_batch=2, max_tokens=100_000)) as server:
+        def cancelled() -> float:
+            line = next((x for x in httpx.get(server + "/metrics").text.splitlines()
+                         if x.startswith("knnformer_requests_cancelled_total ")), "x 0")
+            return float(line.split()[1])
 
-    before = cancelled()
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server + "/v1/completions", json={"prompt": "abc", "max_tokens": 1000}, timeout=0.5)
-    deadline = time.time() + 20
-    while cancelled() == before and time.time() < deadline:
-        time.sleep(0.1)
-    assert cancelled() == before + 1
+        before = cancelled()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server + "/v1/completions", json={"prompt": "abc", "max_tokens": 100_000}, timeout=0.5)
+        deadline = time.time() + 20
+        while cancelled() == before and time.time() < deadline:
+            time.sleep(0.1)
+        assert cancelled() == before + 1
 
 
 def test_a_plain_lm_is_served_with_the_chunks_closest_to_its_text(tmp_path):
