@@ -306,9 +306,9 @@ class RetrievingGenerator:
         finally:
             faiss.omp_set_num_threads(threads)
 
-    @torch.no_grad()
-    def _sample_cached(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id) -> Iterator[int]:
-        T, C = self.model.config.context, self.C
+    def _start(self, prompt: list[int], seed: int | None) -> torch.Generator:
+        """Check the prompt against the context, put the model in eval mode, and seed the sampler's generator."""
+        T = self.model.config.context
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) > T:
@@ -316,6 +316,12 @@ class RetrievingGenerator:
         self.model.eval()
         generator = torch.Generator()
         generator.manual_seed(seed) if seed is not None else generator.seed()
+        return generator
+
+    @torch.no_grad()
+    def _sample_cached(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id) -> Iterator[int]:
+        T, C = self.model.config.context, self.C
+        generator = self._start(prompt, seed)
         ids, w0 = list(prompt), 0
         cache = self.new_cache()
         logits = self.prefill(cache, ids, w0)
@@ -340,13 +346,7 @@ class RetrievingGenerator:
     @torch.no_grad()
     def _sample(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_id) -> Iterator[int]:
         T, C = self.model.config.context, self.C
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) > T:
-            raise ValueError(f"the prompt is {len(prompt)} tokens, longer than the model's context of {T}; shorten it")
-        self.model.eval()
-        generator = torch.Generator()
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        generator = self._start(prompt, seed)
         ids = list(prompt)
         for _ in range(max_new_tokens):
             for chunk in range(len(ids) // C):

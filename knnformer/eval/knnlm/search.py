@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knnformer.eval.knnlm.store import CHECKPOINT_SECONDS, KnnStore, Progress, ProgressFactory
+from knnformer.eval.knnlm.store import CHECKPOINT_SECONDS, KnnStore, Progress, ProgressFactory, read_manifest
 from knnformer.io import atomic_write_text, writing_file, writing_folder
 from knnformer.retrieval.index import _faiss, _nlist, _pq_m, faiss_threads
 
@@ -324,14 +324,9 @@ def search_resumable(search: KeySearch, xq: np.ndarray, k: int, folder: Path, id
     batch was reused. D and I stay memory-mapped (read-only use: the caller reads them a block at a time)."""
     n, k = len(xq), int(min(k, search.store.num_keys))
     manifest_path = folder / "manifest.json"
-    manifest = None
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError:
-            manifest = None
-        if manifest is not None and (manifest.get("identity") != identity or manifest.get("shape") != [n, k]):
-            manifest = None
+    manifest = read_manifest(manifest_path)
+    if manifest is not None and (manifest.get("identity") != identity or manifest.get("shape") != [n, k]):
+        manifest = None
     if manifest is None:
         with writing_folder(folder) as tmp:
             for file, size in (("D.f32", n * k * 4), ("I.i64", n * k * 8)):

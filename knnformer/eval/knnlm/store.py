@@ -165,6 +165,14 @@ def store_identity(record: dict, ckpt_path: Path, store: Datastore, retrieval: d
     }
 
 
+def read_manifest(path: Path) -> dict | None:
+    """The JSON manifest of a resumable folder, or None when it is missing or unreadable (a kill mid-write)."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+
+
 def _mismatch(old: dict, new: dict, prefix: str = "") -> str | None:
     """The first key path where two identities differ, or None."""
     for key in sorted(set(old) | set(new)):
@@ -268,14 +276,9 @@ def open_or_build_queries(knn: KnnStore, model: Transformer, name: str, tokens: 
     n, d = len(tokens) - 1, model.config.dim
     identity = {**identity, "split": name, "tokens_sha256": _array_sha256(tokens)}
     manifest_path = folder / "manifest.json"
-    manifest = None
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError:
-            manifest = None
-        if manifest is not None and (_mismatch(manifest.get("identity", {}), identity) or manifest.get("n") != n):
-            manifest = None
+    manifest = read_manifest(manifest_path)
+    if manifest is not None and (_mismatch(manifest.get("identity", {}), identity) or manifest.get("n") != n):
+        manifest = None
     if manifest is None:
         with writing_folder(folder) as tmp:
             for file, size in (("h.f32", n * d * 4), ("logp.f64", n * 8)):
