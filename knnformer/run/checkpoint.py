@@ -13,6 +13,7 @@ not tampering; refusing to unpickle is what stops tampering.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from knnformer.io import file_sha256, writing_folder
+from knnformer.io import file_sha256, tmp_path, writing_folder
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -57,8 +58,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, conf
         save_state(tmp, {"step": step, **(state or {})})
         files = sorted(p.name for p in tmp.iterdir())
         (tmp / "checksums.json").write_text(json.dumps({name: file_sha256(tmp / name) for name in files}, indent=2))
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:  # renamed out of sight first: a kill mid-delete leaves a
+        doomed = tmp_path(old)                      # dead temporary, never a half-deleted step-N
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
