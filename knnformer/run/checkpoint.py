@@ -58,11 +58,17 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, conf
         save_state(tmp, {"step": step, **(state or {})})
         files = sorted(p.name for p in tmp.iterdir())
         (tmp / "checksums.json").write_text(json.dumps({name: file_sha256(tmp / name) for name in files}, indent=2))
-    for old in list_checkpoints(run_dir)[:-keep]:  # renamed out of sight first: a kill mid-delete leaves a
-        doomed = tmp_path(old)                      # dead temporary, never a half-deleted step-N
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints. Each is renamed out of sight first, so a kill mid-delete
+    leaves a dead temporary (removed by the next writer), never a half-deleted ``step-N``."""
+    for old in list_checkpoints(run_dir)[:-keep]:
+        doomed = tmp_path(old)
         os.replace(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-    return final
 
 
 def verify_checkpoint(path: Path) -> None:

@@ -255,7 +255,7 @@ def save_distributed(run_dir: Path, step: int, model: torch.nn.Module, optimizer
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from knnformer.io import file_sha256, writing_folder
-    from knnformer.run.checkpoint import list_checkpoints, save_state
+    from knnformer.run.checkpoint import prune_checkpoints, save_state
 
     final = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -274,10 +274,7 @@ def save_distributed(run_dir: Path, step: int, model: torch.nn.Module, optimizer
             (tmp / "checksums.json").write_text(json.dumps({n: file_sha256(tmp / n) for n in names}, indent=2))
     barrier()
     if world.main:
-        import shutil
-
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep)
     barrier()
     return final
 
