@@ -425,3 +425,37 @@ def test_a_large_store_assigns_keys_through_an_hnsw_graph_of_centroids(tmp_path,
     read, info = open_key_search(KnnStore.open(tmp_path), "ivfpq", nprobe=built.index.nlist, refine=16)
     assert info["reused"]
     assert recall(read, xq, 10, num_queries=100) >= 0.95  # every list searched: only PQ's error is left
+
+
+def test_the_compiled_forward_writes_the_keys_eager_writes_and_a_failed_compile_falls_back(tiny_run, monkeypatch,
+                                                                                          caplog):
+    """``split_hidden_states(compile=True)`` runs full batches through ``torch.compile`` and the split's shorter
+    last windows eagerly; its keys (fp16, converted by torch) equal the eager pass's, and so do its log-probs.
+    A compile that raises is logged and the pass goes on eagerly with the same result."""
+    import knnformer.eval.knnlm.store as store_mod
+
+    run_dir, store = tiny_run
+    model, _, _ = load_run(run_dir)
+    tokens = store.split_tokens("valid")
+    n = len(tokens) - 1
+    assert n % model.config.context != 0  # a shorter last window: the eager path is exercised too
+    with torch_threads(1):
+        eager = np.zeros((n, model.config.dim), np.float16)
+        lp_eager = store_mod.split_hidden_states(model, tokens, eager, 4, logprobs=True, compile=False)
+        compiled = np.zeros_like(eager)
+        lp_compiled = store_mod.split_hidden_states(model, tokens, compiled, 4, logprobs=True, compile=True)
+        assert np.isfinite(compiled.astype(np.float32)).all() and np.abs(compiled.astype(np.float32)).sum() > 0
+        assert np.allclose(compiled.astype(np.float32), eager.astype(np.float32), atol=2e-3)
+        assert np.allclose(lp_compiled, lp_eager, atol=1e-4)
+
+        def broken(fn, **kwargs):
+            def call(*args, **kw):
+                raise RuntimeError("no C++ compiler here")
+            return call
+
+        monkeypatch.setattr(store_mod.torch, "compile", broken)
+        fallback = np.zeros_like(eager)
+        with caplog.at_level("WARNING"):
+            store_mod.split_hidden_states(model, tokens, fallback, 4, compile=True)
+    assert "continuing eagerly" in caplog.text and "no C++ compiler here" in caplog.text
+    assert np.array_equal(fallback, eager)
