@@ -459,3 +459,15 @@ def test_the_compiled_forward_writes_the_keys_eager_writes_and_a_failed_compile_
             store_mod.split_hidden_states(model, tokens, fallback, 4, compile=True)
     assert "continuing eagerly" in caplog.text and "no C++ compiler here" in caplog.text
     assert np.array_equal(fallback, eager)
+
+
+def test_keys_and_queries_are_computed_in_batches_of_about_2048_positions_unless_told():
+    """Without --batch-size the store's forward passes batch FORWARD_POSITIONS positions (measured fastest), at
+    least one window; a batch size below 1 is refused before anything is loaded."""
+    from knnformer.eval.knnlm.evaluate import FORWARD_POSITIONS, KnnLmSettings, forward_batch
+
+    assert FORWARD_POSITIONS == 2048
+    assert [forward_batch(c) for c in (64, 256, 1024, 4096)] == [32, 8, 2, 1]
+    KnnLmSettings().check()
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        KnnLmSettings(batch_size=0).check()
