@@ -471,3 +471,16 @@ def test_keys_and_queries_are_computed_in_batches_of_about_2048_positions_unless
     KnnLmSettings().check()
     with pytest.raises(ValueError, match="--batch-size must be at least 1"):
         KnnLmSettings(batch_size=0).check()
+
+
+def test_a_large_store_gets_more_shorter_lists_trained_through_the_graph():
+    """``ivf_lists``: below HNSW_QUANTIZER_MIN_LISTS lists (at 2 per sqrt(keys)), a flat quantizer with 2 lists
+    per sqrt(keys) and 40 training keys a list; above, a graph of centroids and 4 lists per sqrt(keys) with 16
+    training keys a list; ``index_bytes`` counts the lists ``build_ivf`` makes."""
+    from knnformer.eval.knnlm.search import index_bytes, ivf_lists
+
+    assert ivf_lists(1_000_000) == (2000, 40, False)
+    assert ivf_lists(3_000_000) == (4 * 1732, 16, True)
+    assert ivf_lists(13_000_000) == (4 * 3605, 16, True)
+    lists = 4 * 1732 * 384 * 4 * 2 + 4 * 1732 * 32 * 8  # centroids, and their copy in the graph with its links
+    assert index_bytes("ivf", 3_000_000, 384) == 3_000_000 * (2 * 384 + 8) + lists
