@@ -296,3 +296,60 @@ def test_a_plain_lm_is_served_with_the_chunks_closest_to_its_text(tmp_path):
     docs = document_texts(store)
     for s in (s for g in r["citations"] for s in g["sources"]):
         assert docs[s["doc_id"]][s["byte_span"][0] : s["byte_span"][1]] == s["text"].encode()
+
+
+@pytest.fixture(scope="module")
+def lively_run(tmp_path_factory):
+    """A retrieval run whose every token depends on its whole context (weights initialised wide, 2 steps): the
+    trained tiny run of ``served_run`` writes the same text whatever the prompt, which no state check can use."""
+    tmp = tmp_path_factory.mktemp("lively")
+    store = repeated_text_store(tmp)
+    config = load_config("tiny", ["model.context=64", "model.init_std=0.5", "train.steps=2",
+                                  "train.eval_interval=0", "retrieval.enabled=true"])
+    config.model.vocab_size = 256
+    train(tmp / "run", store, config)
+    return tmp / "run", store
+
+
+def test_prompts_prefilled_beside_the_batch_generate_what_they_do_alone(lively_run):
+    """The engine's background prefill (a prompt runs on a second thread into a staging row while other rows
+    decode, then joins the batch) changes no token: greedy completions of prompts that arrive while others
+    generate equal those of each prompt alone, and those of an engine that runs every prompt on its worker."""
+    import threading
+
+    from knnformer.serve.batcher import Request
+
+    run, store = lively_run
+    tokens = store.split_tokens("valid")
+    prompts = [[int(t) for t in tokens[i : i + 5 + 9 * i]] for i in range(6)]
+
+    def complete(service, group: list[list[int]], stagger: float = 0.0) -> list[str]:
+        texts, done = [""] * len(group), threading.Semaphore(0)
+        errors = []
+        for i, p in enumerate(group):
+            def emit(ev, i=i):
+                texts[i] += ev.get("text", "")
+                if "error" in ev:
+                    errors.append(ev["error"])
+                if "done" in ev or "error" in ev:
+                    done.release()
+            service.engine.submit(Request(p, 40, emit, 0.0))
+            time.sleep(stagger)
+        for _ in group:
+            assert done.acquire(timeout=60)
+        assert not errors
+        return texts
+
+    inline = open_service(run, max_batch=4, background_prefill=False)
+    try:
+        alone = [complete(inline, [p])[0] for p in prompts]
+        assert len(set(alone)) == len(alone)  # each prompt gives its own text: the check can fail
+        assert complete(inline, prompts) == alone
+    finally:
+        inline.close()
+    background = open_service(run, max_batch=4)
+    try:
+        assert complete(background, prompts, stagger=0.005) == alone
+        assert background.metrics.counters[("prefills_in_background_total", ())] >= 2  # that path ran
+    finally:
+        background.close()
