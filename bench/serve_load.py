@@ -129,8 +129,6 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=64)
-    p.add_argument("--prefill", choices=["background", "inline"], default=None,
-                   help="the server's --prefill (default: the server's own default)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve-load.json"))
     args = p.parse_args()
     import psutil
@@ -148,8 +146,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "knnformer.cli", "serve", args.run, "--port", str(port),
-                               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-                               *(["--prefill", args.prefill] if args.prefill else [])],
+                               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = psutil.Process(server.pid)
 
@@ -189,7 +186,6 @@ def main() -> None:
     result = {
         "command": " ".join(["python -m bench.serve_load", *sys.argv[1:]]), "commit": git_state(),
         "run": args.run, "max_batch": args.max_batch, "max_queue": args.max_queue, "max_tokens": args.max_tokens,
-        "prefill": args.prefill or "server default",
         "single_client": s1, "load": {"clients": args.clients, **sn},
         "aggregate_over_single": ratio,
         "server_rss_mib": {"ready": mib(rss_ready), "load_start": mib(rss_start), "load_end": mib(rss_end),

@@ -19,7 +19,7 @@ def cmd_serve(args) -> int:
         say(f"warning: serving on {args.host}: anyone who can reach this address can use the model and read the "
             f"datastore's text; there is no authentication")
     service = open_service(args.run, args.datastore, args.max_batch, args.max_queue, args.max_tokens,
-                           args.retrieval_db, background_prefill=args.prefill == "background")
+                           args.retrieval_db)
     info = service.info
     say(f"serving {info['run']} ({info['parameters']:,} parameters, retrieval "
         f"{'on' if info['retrieval'] else 'off (citations only)'}) on http://{args.host}:{args.port}/")
@@ -40,9 +40,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--max-batch", type=int, default=16, help="requests generating at once (rows of the batch)")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
     s.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
-    s.add_argument("--prefill", choices=["background", "inline"], default="background",
-                   help="where a new prompt runs while other requests decode: on a second thread beside the "
-                        "batched steps (background), or on the worker between them (inline)")
     s.add_argument("--retrieval-db", action="extend", nargs="+", default=[], metavar="DB",
                    help="retrieval databases (prepared with --tokenizer-from RUN and indexed) to retrieve from and "
                         "cite instead of the run's datastore; a RETRO run reads them, a plain LM cites them")

@@ -2,11 +2,10 @@
 event loop only hands it requests and reads back what each one produced.
 
 Each iteration of the worker: admit waiting requests into free rows of one pooled KV cache (a request's prompt is
-run into its row alone, all but its last token: on the worker when no row is decoding, else on the prefill thread
-into a staging row, which joins the batch when it is done), rebuild a row whose window is full, then step every
-active row's last token together as one batch (``Transformer`` steps rows at their own positions), sample each
-row's next token, retrieve for a row whose text just completed a chunk, and hand each request its new text and,
-when the neighbours serving it change, its new citations. A finished or cancelled request frees its row: the last active
+run into its row alone, all but its last token), rebuild a row whose window is full, then step every active row's
+last token together as one batch (``Transformer`` steps rows at their own positions), sample each row's next
+token, retrieve for a row whose text just completed a chunk, and hand each request its new text and, when the
+neighbours serving it change, its new citations. A finished or cancelled request frees its row: the last active
 row moves into it (``KVCache.copy_row``), so the active rows stay rows 0 .. n - 1 of the pool.
 
 Citations. Generated token j (sequence position j) was predicted from position j - 1, which reads the slot of
@@ -69,17 +68,10 @@ class Engine:
     def __init__(self, model, tokenizer, make_generator: Callable[[bool], RetrievingGenerator],
                  citation_sources: Callable[[RetrievingGenerator, int], list[dict]], max_batch: int = 16,
                  max_queue: int = 64, metrics=None,
-                 deliver: Callable[[list[tuple[Request, dict]]], None] | None = None,
-                 background_prefill: bool = True):
+                 deliver: Callable[[list[tuple[Request, dict]]], None] | None = None):
         """``deliver``: hands one iteration's events of all requests over at once (one wake-up of the server's
         event loop per batched step, not one per token and request: on a busy CPU each hand-over between threads
-        waits for the scheduler); without it each event goes to its request's ``emit``.
-
-        ``background_prefill``: while rows are decoding, a new request's prompt runs on a second thread into a
-        staging row of the pool (rows max_batch .. 2 * max_batch - 1) and joins the batch when it is done, so
-        prompts no longer stop every row's decoding (torch releases the GIL inside its kernels: the prefill's
-        matrix products run beside the batched steps, on the CPU's other core). With no row decoding a prompt
-        runs on the worker itself, as it does with ``background_prefill`` False."""
+        waits for the scheduler); without it each event goes to its request's ``emit``."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model, tokenizer
@@ -92,22 +84,14 @@ class Engine:
         if model.config.attention != "softmax":
             raise ValueError("the server batches over KV caches: it serves softmax-attention models, "
                              "not model.attention=performer")
-        rows = 2 * max_batch if background_prefill else max_batch
-        self.pool = make_generator(True).new_cache(rows)
-        self.pool.length = torch.zeros(rows, dtype=torch.long)
+        self.pool = make_generator(True).new_cache(max_batch)
+        self.pool.length = torch.zeros(max_batch, dtype=torch.long)
         self.chunk_size = make_generator(True).C
         self.waiting: collections.deque[Request] = collections.deque()
         self.active: list[Request] = []
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
-        # background prefill: staging rows free, requests handed to the prefill thread, and those it finished
-        self.background_prefill = background_prefill
-        self.staging_free = list(range(max_batch, rows))
-        self.prefilling: dict[int, Request] = {}  # staging row -> request, from hand-over to collection
-        self.prefilled: list[tuple[int, Request, Exception | None]] = []  # done, under self.cond
-        self.prefill_queue: collections.deque[tuple[int, Request]] = collections.deque()
-        self.prefill_thread: threading.Thread | None = None
 
     # -- the other threads' side ---------------------------------------------------------------------------------
     def submit(self, request: Request) -> bool:
@@ -116,7 +100,7 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 return False
             self.waiting.append(request)
-            self.cond.notify_all()  # the worker and the prefill thread wait on it
+            self.cond.notify()
         return True
 
     def queue_length(self) -> int:
@@ -128,17 +112,13 @@ class Engine:
     def start(self) -> None:
         self.thread = threading.Thread(target=self._loop, name="knnformer-engine", daemon=True)
         self.thread.start()
-        if self.background_prefill:
-            self.prefill_thread = threading.Thread(target=self._prefill_loop, name="knnformer-prefill", daemon=True)
-            self.prefill_thread.start()
 
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
-            self.cond.notify_all()
-        for thread in (self.thread, self.prefill_thread):
-            if thread is not None:
-                thread.join(timeout=10)
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
 
     # -- the worker ----------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -147,7 +127,7 @@ class Engine:
         faiss.omp_set_num_threads(1)  # one query at a time gains nothing from faiss's threads (generate.py)
         while True:
             with self.cond:
-                while not self.waiting and not self.active and not self.prefilled and not self.stopping:
+                while not self.waiting and not self.active and not self.stopping:
                     self.cond.wait()
                 if self.stopping:
                     break
@@ -163,29 +143,8 @@ class Engine:
                 except Exception:  # delivering failed too: those requests' clients time out
                     logger.exception("delivering the engine's errors failed")
                     self.outbox = []
-        for req in [*self.active, *self.waiting, *self.prefilling.values()]:
+        for req in [*self.active, *self.waiting]:
             req.emit({"error": "the server is shutting down"})
-
-    # -- the prefill thread (background_prefill) -----------------------------------------------------------------
-    def _prefill_loop(self) -> None:
-        """Run handed-over prompts into their staging rows, one after another; the worker collects them."""
-        while True:
-            with self.cond:
-                while not self.prefill_queue and not self.stopping:
-                    self.cond.wait()
-                if self.stopping:
-                    return
-                row, req = self.prefill_queue.popleft()
-            error = None
-            try:
-                with torch.no_grad():  # grad mode is per thread
-                    self._prefill(row, req)
-            except Exception as e:  # the request fails alone; the worker reports it
-                logger.exception("prefill failed")
-                error = e
-            with self.cond:
-                self.prefilled.append((row, req, error))
-                self.cond.notify_all()
 
     def _send(self, req: Request, event: dict) -> None:
         self.outbox.append((req, event))
@@ -206,9 +165,6 @@ class Engine:
 
     @torch.no_grad()
     def _step_all(self) -> None:
-        # nothing to step and nothing (or no room) to admit: wait for the prefill thread rather than spin
-        self._collect(block=not self.active and bool(self.prefilling)
-                      and (not self.waiting or len(self.prefilling) >= self.max_batch))
         self._admit()
         self._drop_cancelled()
         if not self.active:
@@ -237,7 +193,7 @@ class Engine:
             self._finish(row, reason)
 
     def _admit(self) -> None:
-        while len(self.active) + len(self.prefilling) < self.max_batch:
+        while len(self.active) < self.max_batch:
             with self.cond:
                 if not self.waiting:
                     return
@@ -255,39 +211,11 @@ class Engine:
         req.generator = torch.Generator()
         req.generator.manual_seed(req.seed) if req.seed is not None else req.generator.seed()
         req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        row = len(self.active)
+        self.active.append(req)
+        self._prefill(row, req)
         if self.metrics is not None:
             self.metrics.observe("queue_wait_seconds", time.perf_counter() - req.submitted)
-        if self.background_prefill and (self.active or self.prefilling):  # rows are decoding: beside them
-            row = self.staging_free.pop()
-            self.prefilling[row] = req
-            with self.cond:
-                self.prefill_queue.append((row, req))
-                self.cond.notify_all()
-            if self.metrics is not None:
-                self.metrics.inc("prefills_in_background_total")
-            return
-        self._prefill(len(self.active), req)  # into the next free row of the batch; a ValueError leaves it free
-        self.active.append(req)
-
-    def _collect(self, block: bool = False) -> None:
-        """Move the prompts the prefill thread finished into the batch (their staging row copied onto the next
-        active row); with ``block``, wait for one first (nothing else to do)."""
-        with self.cond:
-            while block and not self.prefilled and not self.stopping:
-                self.cond.wait(timeout=1.0)
-            done, self.prefilled = self.prefilled, []
-        for row, req, error in done:
-            del self.prefilling[row]
-            self.staging_free.append(row)
-            if error is not None:
-                self._send(req, {"error": f"generation failed: {type(error).__name__}: {error}"})
-                continue
-            if req.cancelled.is_set():
-                if self.metrics is not None:
-                    self.metrics.inc("requests_cancelled_total")
-                continue
-            self.pool.copy_row(row, len(self.active))
-            self.active.append(req)
 
     def _prefill(self, row: int, req: Request) -> None:
         """Run all but the last token of the request's window into pool row ``row`` (the batched step feeds the

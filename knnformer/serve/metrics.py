@@ -18,7 +18,6 @@ HELP = {
     "inter_token_seconds": ("histogram", "between two tokens of one request (per-token latency)"),
     "retrieval_seconds": ("histogram", "one search of the index for a completed chunk"),
     "prefill_seconds": ("histogram", "running a prompt (or a rebuilt window) into its cache row"),
-    "prefills_in_background_total": ("counter", "prompts run on the prefill thread beside the batched steps"),
     "batch_step_seconds": ("histogram", "one batched decode step of all active rows"),
     "queue_wait_seconds": ("histogram", "from a request's arrival to its admission into the batch"),
     "batch_size": ("histogram", "active rows per batched decode step"),

@@ -160,8 +160,7 @@ def fast_bm25(retriever) -> None:
 
 
 def open_service(run_dir: str | Path, datastore: str | None = None, max_batch: int = 16, max_queue: int = 64,
-                 max_tokens: int = 1024, databases: list[str] | None = None,
-                 background_prefill: bool = True) -> Service:
+                 max_tokens: int = 1024, databases: list[str] | None = None) -> Service:
     """Load a run, open its index once and start the engine. ``databases``: retrieval databases to retrieve from
     and cite instead of the datastore (``retrieval/database.py``; default: those the run trained against, if any);
     a RETRO run reads them through its cross-attention, a plain LM cites them."""
@@ -212,7 +211,7 @@ def open_service(run_dir: str | Path, datastore: str | None = None, max_batch: i
 
     metrics = Metrics()
     engine = Engine(model, store.tokenizer, make_generator, citation_sources, max_batch, max_queue, metrics,
-                    deliver_events, background_prefill)
+                    deliver_events)
     metrics.gauge("queue_length", engine.queue_length)
     metrics.gauge("active_rows", engine.busy_rows)
     engine.start()
