@@ -211,9 +211,8 @@ class Engine:
         req.generator = torch.Generator()
         req.generator.manual_seed(req.seed) if req.seed is not None else req.generator.seed()
         req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        row = len(self.active)
+        self._prefill(len(self.active), req)  # into the next free row; a ValueError there leaves the row free
         self.active.append(req)
-        self._prefill(row, req)
         if self.metrics is not None:
             self.metrics.observe("queue_wait_seconds", time.perf_counter() - req.submitted)
 
