@@ -199,8 +199,11 @@ def machine() -> dict:
             ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
     except Exception:
         model = platform.processor()
-    return {"cpu": model, "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+    from knnformer.runtime import cpu_flags
+
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))  # what the kernels use
+    return {"cpu": model, "cpus": os.cpu_count(), "flags": flags, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
 def git_state() -> str:

@@ -425,3 +425,62 @@ def test_a_large_store_assigns_keys_through_an_hnsw_graph_of_centroids(tmp_path,
     read, info = open_key_search(KnnStore.open(tmp_path), "ivfpq", nprobe=built.index.nlist, refine=16)
     assert info["reused"]
     assert recall(read, xq, 10, num_queries=100) >= 0.95  # every list searched: only PQ's error is left
+
+
+def test_the_compiled_forward_writes_the_keys_eager_writes_and_a_failed_compile_falls_back(tiny_run, monkeypatch,
+                                                                                          caplog):
+    """``split_hidden_states(compile=True)`` runs full batches through ``torch.compile`` and the split's shorter
+    last windows eagerly; its keys (fp16, converted by torch) equal the eager pass's, and so do its log-probs.
+    A compile that raises is logged and the pass goes on eagerly with the same result."""
+    import knnformer.eval.knnlm.store as store_mod
+
+    run_dir, store = tiny_run
+    model, _, _ = load_run(run_dir)
+    tokens = store.split_tokens("valid")
+    n = len(tokens) - 1
+    assert n % model.config.context != 0  # a shorter last window: the eager path is exercised too
+    with torch_threads(1):
+        eager = np.zeros((n, model.config.dim), np.float16)
+        lp_eager = store_mod.split_hidden_states(model, tokens, eager, 4, logprobs=True, compile=False)
+        compiled = np.zeros_like(eager)
+        lp_compiled = store_mod.split_hidden_states(model, tokens, compiled, 4, logprobs=True, compile=True)
+        assert np.isfinite(compiled.astype(np.float32)).all() and np.abs(compiled.astype(np.float32)).sum() > 0
+        assert np.allclose(compiled.astype(np.float32), eager.astype(np.float32), atol=2e-3)
+        assert np.allclose(lp_compiled, lp_eager, atol=1e-4)
+
+        def broken(fn, **kwargs):
+            def call(*args, **kw):
+                raise RuntimeError("no C++ compiler here")
+            return call
+
+        monkeypatch.setattr(store_mod.torch, "compile", broken)
+        fallback = np.zeros_like(eager)
+        with caplog.at_level("WARNING"):
+            store_mod.split_hidden_states(model, tokens, fallback, 4, compile=True)
+    assert "continuing eagerly" in caplog.text and "no C++ compiler here" in caplog.text
+    assert np.array_equal(fallback, eager)
+
+
+def test_keys_and_queries_are_computed_in_batches_of_about_2048_positions_unless_told():
+    """Without --batch-size the store's forward passes batch FORWARD_POSITIONS positions (measured fastest), at
+    least one window; a batch size below 1 is refused before anything is loaded."""
+    from knnformer.eval.knnlm.evaluate import FORWARD_POSITIONS, KnnLmSettings, forward_batch
+
+    assert FORWARD_POSITIONS == 2048
+    assert [forward_batch(c) for c in (64, 256, 1024, 4096)] == [32, 8, 2, 1]
+    KnnLmSettings().check()
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        KnnLmSettings(batch_size=0).check()
+
+
+def test_a_large_store_gets_more_shorter_lists_trained_through_the_graph():
+    """``ivf_lists``: below HNSW_QUANTIZER_MIN_LISTS lists (at 2 per sqrt(keys)), a flat quantizer with 2 lists
+    per sqrt(keys) and 40 training keys a list; above, a graph of centroids and 4 lists per sqrt(keys) with 16
+    training keys a list; ``index_bytes`` counts the lists ``build_ivf`` makes."""
+    from knnformer.eval.knnlm.search import index_bytes, ivf_lists
+
+    assert ivf_lists(1_000_000) == (2000, 40, False)
+    assert ivf_lists(3_000_000) == (4 * 1732, 16, True)
+    assert ivf_lists(13_000_000) == (4 * 3605, 16, True)
+    lists = 4 * 1732 * 384 * 4 * 2 + 4 * 1732 * 32 * 8  # centroids, and their copy in the graph with its links
+    assert index_bytes("ivf", 3_000_000, 384) == 3_000_000 * (2 * 384 + 8) + lists

@@ -36,7 +36,7 @@ def cmd_evaluate(args) -> int:
             if args.knn_lm:
                 raise ValueError("with --retrieval-db, pick the way to read it with --mode knn-lm, not --knn-lm")
             result = evaluate_database(args.run, args.retrieval_db, args.mode, args.split, args.datastore,
-                                       args.batch_size, factory, args.neighbours, args.stride)
+                                       args.batch_size or 32, factory, args.neighbours, args.stride)
             table = database_table(result)
         elif args.knn_lm:
             from knnformer.eval import knnlm
@@ -53,7 +53,7 @@ def cmd_evaluate(args) -> int:
         else:
             from knnformer.runtime import resolve_device
 
-            result = evaluate_run(args.run, args.split, args.stride, args.datastore, args.batch_size, factory,
+            result = evaluate_run(args.run, args.split, args.stride, args.datastore, args.batch_size or 32, factory,
                                   args.retrieval, args.neighbour_gain, str(resolve_device(args.device or "cpu")))
             table = format_table(result)
     finally:
@@ -69,7 +69,9 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     s.add_argument("--split", default="valid", choices=["train", "valid", "test"])
     s.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: the context)")
     s.add_argument("--datastore", default=None, help="datastore to score (default: the run's own)")
-    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="windows a forward pass computes (default 32; with --knn-lm, as many as make 2,048 "
+                        "positions, which measured fastest for its keys)")
     s.add_argument("--retrieval", choices=["auto", "on", "off"], default="auto",
                    help="score with the run's retrieval on (also reports off) or as a plain LM (default: on for "
                         "a retrieval run)")

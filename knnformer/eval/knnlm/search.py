@@ -24,21 +24,40 @@ from knnformer.io import atomic_write_text, writing_file, writing_folder
 from knnformer.retrieval.index import _faiss, _nlist, _pq_m, faiss_threads
 
 INDEX_KINDS = ("auto", "exact", "ivf", "ivfpq")
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 """Bumped when ``build_ivf`` changes what it builds: an index of another version is rebuilt.
 3: the coarse quantizer of a large store is an HNSW graph over the centroids (assigning 10M keys to flat
-centroids was most of the build)."""
+centroids was most of the build). 4: a large store has 4x the lists, trained through that graph
+(``ivf_lists``)."""
 EXACT_MAX_WORK = 5e10
 """Largest queries x keys x width for which ``auto`` searches exactly (about 10 s on this shared CPU)."""
 DEFAULT_MEMORY_BUDGET = 2 << 30
 DEFAULT_RECALL = 0.99
 """recall@k against exact search that ``choose_settings`` asks of nprobe and refine. On the Gutenberg store
 (1M keys, IVF, k 256) recall 0.976 kept 96.6% of the exact gain: 0.95 is not enough for "within 0.5%"."""
-NPROBES = (4, 8, 16, 32, 64, 128)
+NPROBES = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+"""Lists a query may search, tried in order by ``choose_settings``: steps of 1.5x and 2x, because recall@256 on
+3M keys went from 0.988 to 0.996 between nprobe 32 and 64, twice the time for a target of 0.99."""
 REFINES = (1, 2, 4, 8, 16)
 HNSW_QUANTIZER_MIN_LISTS = 2048
-"""From this many inverted lists on, the coarse quantizer is an HNSW graph (``IndexHNSWFlat``) over the
-centroids instead of a flat scan of them."""
+"""From this many inverted lists (at ``LISTS_PER_ROOT``) on, the coarse quantizer is an HNSW graph
+(``IndexHNSWFlat``) over the centroids instead of a flat scan of them, and the store gets ``LARGE_LISTS_PER_ROOT``."""
+LISTS_PER_ROOT, TRAINING_POINTS = 2, 40
+"""IVF lists per sqrt(keys), and k-means training keys per list, of a store with a flat quantizer."""
+LARGE_LISTS_PER_ROOT, LARGE_TRAINING_POINTS = 4, 16
+"""The same for a store with a graph of centroids: more, shorter lists make a query scan fewer keys at the same
+recall, and k-means assigns its training keys through the graph too, so twice the lists train in the same time.
+Measured on 3M Gutenberg keys, recall@256 >= 0.99 (bench/knnlm_indexes.py, knnlm-indexes-3m.json): 0.59 ms a query
+(nprobe 64) with 4 per root and 16 points a list, k-means 18.5 s; 0.86 ms with 2 and 40 points, 17.2 s; 8 and 16
+points needed nprobe 128 (0.68 ms, 61 s)."""
+
+
+def ivf_lists(num_keys: int) -> tuple[int, int, bool]:
+    """Inverted lists of a store's IVF, k-means training keys per list, and whether centroids are a graph."""
+    nlist = _nlist(num_keys, per_root=LISTS_PER_ROOT, min_points=TRAINING_POINTS)
+    if nlist < HNSW_QUANTIZER_MIN_LISTS:
+        return nlist, TRAINING_POINTS, False
+    return _nlist(num_keys, per_root=LARGE_LISTS_PER_ROOT, min_points=LARGE_TRAINING_POINTS), LARGE_TRAINING_POINTS, True
 NEEDS_FAISS = "kNN-LM search"
 
 
@@ -47,8 +66,8 @@ def index_bytes(kind: str, num_keys: int, dim: int) -> int:
     faiss's precomputed distance tables (nlist x m x 256 floats, used when they are under faiss's 2 GiB cap)."""
     if kind == "exact":
         return 0
-    nlist = _nlist(num_keys, per_root=2, min_points=40)
-    lists = nlist * dim * 4 + (nlist * (dim * 4 + 32 * 8) if nlist >= HNSW_QUANTIZER_MIN_LISTS else 0)
+    nlist, _, graph = ivf_lists(num_keys)
+    lists = nlist * dim * 4 + (nlist * (dim * 4 + 32 * 8) if graph else 0)
     if kind == "ivf":
         return num_keys * (dim * 2 + 8) + lists
     m = _pq_m(dim, dims_per_byte=4)
@@ -87,19 +106,29 @@ def as_f32(a: np.ndarray) -> np.ndarray:
         return torch.from_numpy(a).float().numpy()
 
 
-def exact_l2(xb: np.ndarray, xq: np.ndarray, k: int, block: int = 262_144) -> tuple[np.ndarray, np.ndarray]:
-    """Exact squared-L2 top ``k`` of ``xq`` over the rows of ``xb`` (any float array, e.g. the fp16 memory map),
-    ``block`` rows converted to fp32 at a time (the loop of retrieval's ``exact_search``, with ``as_f32``)."""
-    faiss = _faiss(NEEDS_FAISS)
-    xq = np.ascontiguousarray(xq, dtype=np.float32)
+def exact_l2(xb: np.ndarray, xq: np.ndarray, k: int, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact squared-L2 top ``k`` of ``xq`` over the rows of ``xb`` (any float array, e.g. the fp16 memory map):
+    blocks of ``block`` keys (default: 2^26 query-key distances a block, at least 4,096 keys) converted to fp32
+    once for all queries, distances as |x|^2 - 2 x.q + |q|^2 by one matrix product (as faiss's BLAS path
+    computes them), each block's top k merged into the running top k (bench/knnlm_exact.py measures it against
+    faiss.knn per block, what this did before)."""
+    q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32))
     k = min(k, len(xb))
-    heap = faiss.ResultHeap(len(xq), k, keep_max=False)
+    if len(q) == 0 or k == 0:
+        return np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
+    q_norms = q.square().sum(1, keepdim=True)  # (nq, 1)
+    best_d = torch.empty(len(q), 0)
+    best_i = torch.empty(len(q), 0, dtype=torch.int64)
+    block = block or max(4096, (1 << 26) // len(q))
     for b in range(0, len(xb), block):
-        with faiss_threads(len(xq) * min(block, len(xb)) * xq.shape[1]):
-            D, I = faiss.knn(xq, as_f32(xb[b : b + block]), k, metric=faiss.METRIC_L2)
-        heap.add_result(D, np.where(I >= 0, I + b, -1))
-    heap.finalize()
-    return heap.D, heap.I
+        x = torch.from_numpy(as_f32(xb[b : b + block]))  # (nb, D)
+        d = torch.addmm(q_norms + x.square().sum(1)[None, :], q, x.T, alpha=-2.0).clamp_(min=0.0)  # (nq, nb)
+        d, i = torch.topk(d, min(k, d.shape[1]), dim=1, largest=False, sorted=False)
+        best_d, idx = torch.topk(torch.cat([best_d, d], 1), min(k, best_d.shape[1] + d.shape[1]), dim=1,
+                                 largest=False, sorted=False)
+        best_i = torch.gather(torch.cat([best_i, i + b], 1), 1, idx)
+    best_d, order = torch.sort(best_d, dim=1)
+    return best_d.numpy(), torch.gather(best_i, 1, order).numpy()
 
 
 def rescore_l2(xb: np.ndarray, xq: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,12 +211,11 @@ class KeySearch:
 def build_ivf(store: KnnStore, kind: str, seed: int = 0, progress: Progress | None = None):
     """A trained and filled ``ivf`` or ``ivfpq`` index over ``store``'s keys, trained on a random sample.
     (Retrieval's ``build_dense_index`` builds inner-product indexes over chunk vectors, with other sizes.)
-    From ``HNSW_QUANTIZER_MIN_LISTS`` lists on, keys are assigned to lists through an HNSW graph over the
-    centroids (faiss's ``IVF..._HNSW32``), not by comparing each key with every centroid."""
+    A large store (``ivf_lists``) has an HNSW graph over the centroids (faiss's ``IVF..._HNSW32``): keys, and
+    k-means's training keys, are assigned to lists through it, not by comparing each key with every centroid."""
     faiss = _faiss(NEEDS_FAISS)
     n, d = store.num_keys, store.dim
-    nlist = _nlist(n, per_root=2, min_points=40)
-    hnsw = nlist >= HNSW_QUANTIZER_MIN_LISTS
+    nlist, points, hnsw = ivf_lists(n)
     quantizer = faiss.IndexHNSWFlat(d, 32) if hnsw else faiss.IndexFlatL2(d)
     if kind == "ivf":  # fp16 codes of the keys themselves (not of residuals): exact, half IndexIVFFlat's memory
         index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2,
@@ -196,11 +224,13 @@ def build_ivf(store: KnnStore, kind: str, seed: int = 0, progress: Progress | No
         index = faiss.IndexIVFPQ(quantizer, d, nlist, _pq_m(d, dims_per_byte=4), 8 if n >= 256 * 39 else 4,
                                  faiss.METRIC_L2)
         index.pq.cp.seed = seed
-    index.cp.seed, index.cp.niter = seed, 10
-    if hnsw:  # k-means on a flat index, then the centroids go into the graph
-        index.clustering_index = faiss.IndexFlatL2(d)
+    index.cp.seed, index.cp.niter, index.cp.min_points_per_centroid = seed, 10, min(points, 39)
+    if hnsw:  # k-means assigns through a graph of its centroids too, then the centroids go into the quantizer's
+        clustering = faiss.IndexHNSWFlat(d, 32)
+        clustering.hnsw.efConstruction, clustering.hnsw.efSearch = 40, 64
+        index.clustering_index = clustering
         quantizer.hnsw.efConstruction = 40
-    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, 40 * nlist), replace=False))
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, points * nlist), replace=False))
     with faiss_threads(len(sample) * d * nlist * 10):
         index.train(as_f32(store.keys[sample]))
     if hnsw:

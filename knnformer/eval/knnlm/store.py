@@ -51,39 +51,75 @@ Progress = Callable[[int], None]
 ProgressFactory = Callable[[int, str], Progress]
 
 
+COMPILE_MIN_TOKENS = 250_000
+"""``compile="auto"`` compiles the forward pass for at least this many positions: ``torch.compile`` costs about
+8-10 s once here and made the small preset's bf16 forward ~2x faster on this 2-vCPU CPU (bench/knnlm_forward.py),
+so below this it would not pay."""
+
+
+class HiddenStates:
+    """``model.hidden_states``, through ``torch.compile`` when asked: the compiled graph is kept for the shape of
+    the first batch (full batches of full windows, nearly every call), other shapes and batches with neighbours
+    run eagerly, so the split's last, shorter windows never trigger a recompile. A compile that fails (no C++
+    compiler, an unsupported op) is logged once and the pass goes on eagerly."""
+
+    def __init__(self, model: Transformer, compile: bool):
+        self.model = model
+        self.compiled = torch.compile(model.hidden_states, dynamic=False) if compile else None
+        self.shape: tuple | None = None
+
+    def __call__(self, x: torch.Tensor, **inputs) -> torch.Tensor:
+        if self.compiled is not None and not inputs:
+            self.shape = self.shape or tuple(x.shape)
+            if tuple(x.shape) == self.shape:
+                try:
+                    return self.compiled(x)
+                except Exception as e:  # any compile failure: the eager pass computes the same model
+                    logger.warning("torch.compile of the forward pass failed (%s: %s); continuing eagerly",
+                                   type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    self.compiled = None
+        return self.model.hidden_states(x, **inputs)
+
+
 @torch.no_grad()
 def split_hidden_states(model: Transformer, tokens: np.ndarray, out: np.ndarray, batch_size: int = 32,
                         dtype: str = "float32", neighbours: NeighbourFn | None = None,
                         progress: Progress | None = None, logprobs: bool | np.ndarray = False,
                         start: int = 0, stop: int | None = None,
-                        checkpoint: Callable[[int], None] | None = None) -> np.ndarray | None:
-    """Write into ``out[p - 1]`` (an (N - 1, D) array, e.g. a memory map) the final hidden state that predicts
-    token p, for p = 1 .. N - 1, over evaluation's consecutive windows of the context (batched as
+                        checkpoint: Callable[[int], None] | None = None,
+                        compile: bool | str = "auto") -> np.ndarray | None:
+    """Write into ``out[p - 1]`` (an (N - 1, D) fp32 or fp16 array, e.g. a memory map) the final hidden state
+    that predicts token p, for p = 1 .. N - 1, over evaluation's consecutive windows of the context (batched as
     ``score_tokens`` batches them). With ``logprobs``, also return log p_lm(token p) as a float64 (N - 1,)
     array, the very values ``score_tokens`` turns into losses (``logprobs`` may be that array itself, e.g. a
     memory map, to be filled in place).
 
     ``start`` / ``stop``: only the windows holding rows in ``[start, stop)`` are computed (whole windows, so
     rows up to the end of the last one are written); ``checkpoint(done)`` is called after each batch with the
-    row up to which everything is written."""
+    row up to which everything is written. ``compile``: run the forward pass through ``torch.compile``
+    (``"auto"``: for ``COMPILE_MIN_TOKENS`` positions or more)."""
     context = model.config.context
     model.eval()
     device = next(model.parameters()).device
     num = max(0, len(tokens) - 1)
     stop = num if stop is None else min(stop, num)
     plan = [w for w in window_plan(len(tokens), context, context) if w[0] + w[2] > start and w[0] + w[1] < stop]
+    if compile == "auto":
+        compile = neighbours is None and sum(w[2] - w[1] for w in plan) >= COMPILE_MIN_TOKENS
+    forward = HiddenStates(model, bool(compile))
+    out_dtype = torch.float16 if out.dtype == np.float16 else torch.float32  # converted by torch: numpy's is slow
     if isinstance(logprobs, np.ndarray):
         logp = logprobs
     else:
         logp = np.zeros(num, dtype=np.float64) if logprobs else None
     for group, n, x, y, inputs in window_batches(tokens, plan, batch_size, neighbours, device):
         with autocast(dtype, device):
-            h = model.hidden_states(x, **inputs)  # (B, n, D)
+            h = forward(x, **inputs)  # (B, n, D)
             logits = F.linear(h, model.embed.weight) if logp is not None else None  # as Transformer.forward
-        h = h.float().cpu().numpy()
         if logp is not None:
             losses = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
             losses = losses.view(len(group), n).cpu().double().numpy()
+        h = h.to(out_dtype).cpu().numpy()
         for row, (begin, first, _) in enumerate(group):
             out[begin + first : begin + n] = h[row, first:]
             if logp is not None:
