@@ -270,7 +270,6 @@ class Retrieval(nn.Module):
                                            rotary_q, bias)
         return h + y.view(B, T, D)
 
-
     def _cross_attend_aligned(self, layer: int, h: torch.Tensor, cache: RetrievalCache, start: int) -> torch.Tensor:
         """``cross_attend_cached`` for positions start .. start + T - 1 in every row: position p sits at place
         (p + 1) % C of slot (p + 1) // C, so the queries pad to whole slots s0 .. s1 and each slot's C places
