@@ -90,11 +90,17 @@ def test_chunks_tile_each_split_and_train_chunk_i_is_tokens_iC(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bytes", "bpe"])
-def test_provenance_points_at_the_right_text(tmp_path, kind):
+@pytest.mark.parametrize("every", [4096, 5])  # 5: the running totals of token bytes are used, not just the tail
+def test_provenance_points_at_the_right_text(tmp_path, kind, every):
     docs = [Document(f"d{i}.txt", f"Café {i}: naïve 日本語 text, line {i}.\n" * (3 + i), "train") for i in range(5)]
     docs.append(Document("v.txt", "Ünïcode valid text. " * 4, "valid"))
     tok = ByteTokenizer() if kind == "bytes" else BPETokenizer.train([d.text for d in docs], 300)
     store = _store(tmp_path, docs, tok)
+    store.BYTE_MARK_EVERY = every
+    lengths = [len(tok.id_to_bytes(int(t))) for t in store.tokens]
+    assert [store.bytes_before(p) for p in range(len(lengths) + 1)] == np.cumsum([0, *lengths]).tolist()
+    with pytest.raises(ValueError, match="outside"):
+        store.bytes_before(len(lengths) + 1)
     layout = chunk_layout(store, 7)
     text_of = {d.doc_id: d.text.encode("utf-8") for d in docs}
     straddling = 0

@@ -296,3 +296,54 @@ def test_a_plain_lm_is_served_with_the_chunks_closest_to_its_text(tmp_path):
     docs = document_texts(store)
     for s in (s for g in r["citations"] for s in g["sources"]):
         assert docs[s["doc_id"]][s["byte_span"][0] : s["byte_span"][1]] == s["text"].encode()
+
+
+@pytest.fixture(scope="module")
+def lively_run(tmp_path_factory):
+    """A retrieval run whose every token depends on its whole context (weights initialised wide, 2 steps): the
+    trained tiny run of ``served_run`` writes the same greedy text whatever the prompt, which checks nothing."""
+    tmp = tmp_path_factory.mktemp("lively")
+    store = repeated_text_store(tmp)
+    config = load_config("tiny", ["model.context=64", "model.init_std=0.5", "train.steps=2",
+                                  "train.eval_interval=0", "retrieval.enabled=true"])
+    config.model.vocab_size = 256
+    train(tmp / "run", store, config)
+    return tmp / "run", store
+
+
+def test_batched_rows_generate_what_each_prompt_does_alone(lively_run):
+    """Prompts of different lengths admitted together (rows at different positions, sampled by pick_tokens in
+    one step) or arriving one by one while others decode give each the greedy text it gets alone, past a
+    chunk boundary and its retrieval, on a run whose text depends on its prompt."""
+    import threading
+
+    from knnformer.serve.batcher import Request
+
+    run, store = lively_run
+    tokens = store.split_tokens("valid")
+    prompts = [[int(t) for t in tokens[i : i + 5 + 9 * i]] for i in range(6)]
+
+    def complete(service, group: list[list[int]], stagger: float = 0.0) -> list[str]:
+        texts, done, errors = [""] * len(group), threading.Semaphore(0), []
+        for i, p in enumerate(group):
+            def emit(ev, i=i):
+                texts[i] += ev.get("text", "")
+                if "error" in ev:
+                    errors.append(ev["error"])
+                if "done" in ev or "error" in ev:
+                    done.release()
+            service.engine.submit(Request(p, 40, emit, 0.0))
+            time.sleep(stagger)
+        for _ in group:
+            assert done.acquire(timeout=60)
+        assert not errors
+        return texts
+
+    service = open_service(run, max_batch=4)
+    try:
+        alone = [complete(service, [p])[0] for p in prompts]
+        assert len(set(alone)) == len(alone)  # each prompt gives its own text: the check can fail
+        assert complete(service, prompts) == alone
+        assert complete(service, prompts, stagger=0.005) == alone
+    finally:
+        service.close()

@@ -154,8 +154,7 @@ def provenance(store: Datastore, layout: ChunkLayout, chunk_id: int) -> ChunkSou
     start = int(layout.starts[chunk_id])
     doc = int(layout.doc_first[chunk_id])
     doc_start = int(layout.doc_starts[doc])
-    before = np.asarray(store.tokens[doc_start:start], dtype=np.int64)
-    byte_offset = int(store.tokenizer.token_bytes[before].sum()) if len(before) else 0
+    byte_offset = store.bytes_before(start) - store.bytes_before(doc_start)
     text = chunk_texts(store, layout, [chunk_id])[0]
     return ChunkSource(chunk_id, split, store.doc_ids[doc], start - doc_start, byte_offset, text,
                        bool(layout.doc_last[chunk_id] != doc))

@@ -260,6 +260,33 @@ class Datastore:
         info = self.manifest["splits"][split]
         return info["start"], info["end"]
 
+    BYTE_MARK_EVERY = 4096
+    """Tokens between two kept running totals of token bytes (``bytes_before``): 2 KiB of marks per million
+    tokens, and at most this many token lengths summed per lookup."""
+
+    def bytes_before(self, position: int) -> int:
+        """UTF-8 bytes of ``tokens[:position]``: a running total kept every ``BYTE_MARK_EVERY`` tokens (computed
+        on the first call, one pass over the memory map in blocks) plus the few tokens after the last mark, so a
+        chunk's byte offset in a long document costs the same as in a short one (a server cites many per
+        second)."""
+        marks = self.__dict__.get("_byte_marks")
+        every = self.BYTE_MARK_EVERY
+        if marks is None:
+            lengths = self.tokenizer.token_bytes
+            n = len(self.tokens)
+            sums, block = [], every * 256
+            for lo in range(0, n - n % every, block):
+                hi = min(lo + block, n - n % every)
+                sums.append(lengths[np.asarray(self.tokens[lo:hi], dtype=np.int64)].reshape(-1, every).sum(1))
+            marks = np.cumsum(np.concatenate([np.zeros(1, dtype=np.int64), *sums]))  # marks[m]: bytes before m * every
+            self.__dict__["_byte_marks"] = marks
+        position = int(position)
+        if not 0 <= position <= len(self.tokens):
+            raise ValueError(f"token position {position} outside the datastore's {len(self.tokens)} tokens")
+        mark = position // every
+        tail = np.asarray(self.tokens[mark * every : position], dtype=np.int64)
+        return int(marks[mark]) + (int(self.tokenizer.token_bytes[tail].sum()) if len(tail) else 0)
+
     def split_tokens(self, split: str) -> np.ndarray:
         """The split's token ids, a memory-mapped view."""
         lo, hi = self.split_range(split)

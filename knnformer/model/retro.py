@@ -245,11 +245,17 @@ class Retrieval(nn.Module):
             cache.relevance[b, s] = torch.einsum("nd,nkd->nk", q, z)
         cache.encoded[b, s] = True
 
-    def cross_attend_cached(self, layer: int, h: torch.Tensor, cache: RetrievalCache, pos: torch.Tensor) -> torch.Tensor:
+    def cross_attend_cached(self, layer: int, h: torch.Tensor, cache: RetrievalCache, pos: torch.Tensor,
+                            aligned: bool = False) -> torch.Tensor:
         """``cross_attend`` for new states h (B, T, D) at positions pos (B, T), reading each position's slot from
-        the cache: one query per position, so rows may sit at different positions."""
+        the cache: one query per position, so rows may sit at different positions. ``aligned``: every row's
+        positions are the same run start .. start + T - 1 (a prefill, or a cache stepped together): the queries
+        are then laid out slot by slot, as in ``cross_attend``, and read the cache's slots in place, instead of
+        gathering a slot's keys and values for every position (T copies of K * R keys per row and layer)."""
         B, T, D = h.shape
         C, K, R = self.chunk_size, cache.K, cache.R
+        if aligned:
+            return self._cross_attend_aligned(layer, h, cache, int(pos[0, 0]) if T else 0)
         b = torch.arange(B, device=h.device)[:, None].expand(B, T).reshape(-1)
         s = ((pos + 1) // C).reshape(-1)  # (N,) the slot serving each position
         i = ((pos + 1) % C).reshape(-1)  # (N,) its place in the slot
@@ -263,6 +269,27 @@ class Retrieval(nn.Module):
         y = self.cca[str(layer)].attend_kv(x, cache.keys[str(layer)][b, s], cache.values[str(layer)][b, s], mask,
                                            rotary_q, bias)
         return h + y.view(B, T, D)
+
+    def _cross_attend_aligned(self, layer: int, h: torch.Tensor, cache: RetrievalCache, start: int) -> torch.Tensor:
+        """``cross_attend_cached`` for positions start .. start + T - 1 in every row: position p sits at place
+        (p + 1) % C of slot (p + 1) // C, so the queries pad to whole slots s0 .. s1 and each slot's C places
+        attend to its cached keys at once."""
+        B, T, D = h.shape
+        C, K, R = self.chunk_size, cache.K, cache.R
+        s0, first = divmod(start + 1, C)
+        s1 = (start + T) // C
+        n = s1 - s0 + 1
+        x = F.pad(self.cca_norms[str(layer)](h), (0, 0, first, n * C - T - first))  # (B, n*C, D)
+        keys = cache.keys[str(layer)][:, s0 : s1 + 1].reshape(B * n, *cache.keys[str(layer)].shape[2:])
+        values = cache.values[str(layer)][:, s0 : s1 + 1].reshape(B * n, *cache.values[str(layer)].shape[2:])
+        mask = (cache.mask[:, s0 : s1 + 1].reshape(B * n, K * R)
+                & cache.encoded[:, s0 : s1 + 1].reshape(B * n, 1))
+        rotary_q = (self.cca_cos[C : 2 * C], self.cca_sin[C : 2 * C])
+        bias = self.cca_bias[str(layer)][:, :, :R].repeat(1, 1, K)  # (H, C, K*R)
+        if self.retriever is not None:
+            bias = bias + self.retriever.bias(cache.relevance[:, s0 : s1 + 1], R)  # (B*n, H, C, K*R)
+        y = self.cca[str(layer)].attend_kv(x.view(B * n, C, D), keys, values, mask, rotary_q, bias)
+        return h + y.view(B, n * C, D)[:, first : first + T]
 
 
 class RetrievalCache:

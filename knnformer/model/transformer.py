@@ -93,7 +93,7 @@ class Transformer(nn.Module):
             if cached is not None and i in self.retrieval.layers:  # generation: slots encoded once, kept
                 if i == self.retrieval.layers[0]:
                     self.retrieval.prepare_slots(self, cached, idx, x, pos)
-                x = self.retrieval.cross_attend_cached(i, x, cached, pos)
+                x = self.retrieval.cross_attend_cached(i, x, cached, pos, aligned=not per_row)
             elif retrieve and i in self.retrieval.layers:
                 if encoded is None:
                     encoded = self.retrieval.encode(self.embed(neighbours), neighbour_mask, x)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from knnformer.serve.generate import RetrievingGenerator, pick_token, rebuilt_window_start
+from knnformer.serve.generate import RetrievingGenerator, pick_tokens, rebuilt_window_start
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +183,9 @@ class Engine:
             self.metrics.observe("batch_step_seconds", time.perf_counter() - t0)
             self.metrics.observe("batch_size", n)
         finished = []
-        for row, req in enumerate(self.active):
-            next_id = pick_token(logits[row, -1:], req.temperature, None, req.top_p, req.generator)
+        picked = pick_tokens(logits[:, -1], [req.temperature for req in self.active],
+                             [req.top_p for req in self.active], [req.generator for req in self.active])
+        for row, (req, next_id) in enumerate(zip(self.active, picked)):
             reason = self._append(req, next_id)
             if reason is not None:
                 finished.append((row, reason))
@@ -210,9 +211,8 @@ class Engine:
         req.generator = torch.Generator()
         req.generator.manual_seed(req.seed) if req.seed is not None else req.generator.seed()
         req.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        row = len(self.active)
+        self._prefill(len(self.active), req)  # into the next free row; a ValueError there leaves the row free
         self.active.append(req)
-        self._prefill(row, req)
         if self.metrics is not None:
             self.metrics.observe("queue_wait_seconds", time.perf_counter() - req.submitted)
 

@@ -122,9 +122,30 @@ def open_generation_retriever(model: Transformer, store, run_dir, record: dict, 
 def pick_token(last: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                generator: torch.Generator) -> int:
     """The next token from one row's logits (1, V): the argmax at temperature 0, else a filtered sample."""
-    if temperature == 0:
-        return int(last.argmax(-1))
-    return int(torch.multinomial(filter_logits(last, temperature, top_k, top_p), 1, generator=generator))
+    return pick_tokens(last, [temperature], [top_p], [generator], top_k)[0]
+
+
+def pick_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[float | None],
+                generators: list[torch.Generator], top_k: int | None = None) -> list[int]:
+    """The next token of each row of logits (n, V), row r with its own temperature, top-p and generator: what
+    ``pick_token`` gives row by row, in a few batched calls (a server samples every active row each step).
+
+    Rows of the same temperature and top-p are filtered together (``filter_logits`` works row by row); each
+    sampled row draws V exponentials from its own generator and takes argmax(p / e), which is how
+    ``torch.multinomial`` draws one sample, so a row's tokens depend only on its seed, never on its batch."""
+    out = logits.argmax(-1)
+    groups: dict[tuple, list[int]] = {}
+    for r, (t, p) in enumerate(zip(temperatures, top_ps)):
+        if t != 0:
+            groups.setdefault((t, p), []).append(r)
+    if groups:
+        V = logits.shape[-1]
+        for (t, p), rows in groups.items():
+            index = torch.tensor(rows)
+            probs = filter_logits(logits[index] if len(rows) < len(logits) else logits, t, top_k, p)
+            race = torch.stack([torch.empty(V).exponential_(1, generator=generators[r]) for r in rows])
+            out[index] = (probs / race).argmax(-1)
+    return out.tolist()
 
 
 def rebuilt_window_start(length: int, context: int, chunk_size: int) -> int:
