@@ -132,6 +132,7 @@ def main() -> None:
     import tempfile
 
     from bench.speed import git_state, machine
+    from knnformer.io import atomic_write_text
 
     report = {"command": " ".join(["python -m bench.scaling", *sys.argv[1:]]), "git": git_state(),
               "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -168,9 +169,7 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 

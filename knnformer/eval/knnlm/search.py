@@ -50,6 +50,7 @@ recall, and k-means assigns its training keys through the graph too, so twice th
 Measured on 3M Gutenberg keys, recall@256 >= 0.99 (bench/knnlm_indexes.py, knnlm-indexes-3m.json): 0.59 ms a query
 (nprobe 64) with 4 per root and 16 points a list, k-means 18.5 s; 0.86 ms with 2 and 40 points, 17.2 s; 8 and 16
 points needed nprobe 128 (0.68 ms, 61 s)."""
+NEEDS_FAISS = "kNN-LM search"
 
 
 def ivf_lists(num_keys: int) -> tuple[int, int, bool]:
@@ -57,8 +58,8 @@ def ivf_lists(num_keys: int) -> tuple[int, int, bool]:
     nlist = _nlist(num_keys, per_root=LISTS_PER_ROOT, min_points=TRAINING_POINTS)
     if nlist < HNSW_QUANTIZER_MIN_LISTS:
         return nlist, TRAINING_POINTS, False
-    return _nlist(num_keys, per_root=LARGE_LISTS_PER_ROOT, min_points=LARGE_TRAINING_POINTS), LARGE_TRAINING_POINTS, True
-NEEDS_FAISS = "kNN-LM search"
+    nlist = _nlist(num_keys, per_root=LARGE_LISTS_PER_ROOT, min_points=LARGE_TRAINING_POINTS)
+    return nlist, LARGE_TRAINING_POINTS, True
 
 
 def index_bytes(kind: str, num_keys: int, dim: int) -> int:
